@@ -1,0 +1,171 @@
+"""Batching: encoded reviews in flat arrays, a length-grouped batch sampler (the BucketIterator idea) that
+shards across processes, evaluation batches sorted by length, and a padding collate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+@dataclass
+class EncodedSplit(Dataset):
+    """A split of encoded reviews: all token ids in one flat array, ``offsets`` (n + 1) and ``labels`` (n)."""
+
+    token_ids: np.ndarray
+    offsets: np.ndarray
+    labels: np.ndarray
+
+    @classmethod
+    def from_arrow(cls, table: pa.Table) -> EncodedSplit:
+        """From a table with ``input_ids`` (list of ints) and ``label`` columns (zero-copy where possible)."""
+        ids = table.column("input_ids").combine_chunks()
+        if isinstance(ids, pa.ChunkedArray):  # an empty table
+            ids = pa.array([], pa.list_(pa.int32()))
+        base = ids.offsets[0].as_py() if len(ids) else 0
+        offsets = ids.offsets.to_numpy().astype(np.int64) - base
+        values = ids.flatten().to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+        labels = table.column("label").to_numpy().astype(np.int64)
+        return cls(values, offsets, labels)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """The number of tokens of each review."""
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        return self.token_ids[self.offsets[index] : self.offsets[index + 1]], int(self.labels[index])
+
+
+class LengthGroupedBatchSampler(Sampler[list[int]]):
+    """Batches of reviews of similar length, drawn afresh each epoch, sharded across processes.
+
+    Each epoch (``set_epoch``) shuffles the indices with ``seed + epoch``, sorts them by length within chunks of
+    ``chunk_batches`` batches, cuts the chunks into batches and shuffles the batches. Under several processes
+    (``num_replicas``), process ``rank`` takes every ``num_replicas``-th batch. To give every process the same
+    number of batches while still showing every review exactly once, the largest batches are halved until the
+    count divides evenly (so no review is dropped or repeated; only with ``batch_size`` 1 and a count that does
+    not divide are the last few reviews of the epoch left out).
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int] | np.ndarray,
+        batch_size: int,
+        seed: int = 0,
+        chunk_batches: int = 50,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, {num_replicas}) (got {rank})")
+        if len(lengths) < num_replicas:
+            raise ValueError(f"{len(lengths)} examples cannot be shared by {num_replicas} processes")
+        self.lengths = np.asarray(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.chunk_size = batch_size * chunk_batches
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose batches ``__iter__`` yields (deterministic per seed and epoch)."""
+        self.epoch = epoch
+
+    def global_batches(self) -> list[np.ndarray]:
+        """The batches of this epoch for all processes together, in order."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(len(self.lengths))
+        batches: list[np.ndarray] = []
+        for start in range(0, len(order), self.chunk_size):
+            chunk = order[start : start + self.chunk_size]
+            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+        while len(batches) % self.num_replicas:
+            largest = max(range(len(batches)), key=lambda i: len(batches[i]))
+            if len(batches[largest]) == 1:  # only single reviews left: drop the few that cannot be shared
+                batches = batches[: len(batches) - len(batches) % self.num_replicas]
+                break
+            batch = batches.pop(largest)
+            half = math.ceil(len(batch) / 2)
+            batches[largest:largest] = [batch[:half], batch[half:]]
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.global_batches()[self.rank :: self.num_replicas]:
+            yield batch.tolist()
+
+    def __len__(self) -> int:
+        return len(self.global_batches()) // self.num_replicas
+
+
+class SortedBatchSampler(Sampler[list[int]]):
+    """Evaluation batches: indices sorted by length (longest first), batched, dealt round-robin to processes.
+
+    Processes may get different numbers of batches; every example is evaluated exactly once overall.
+    """
+
+    def __init__(
+        self, lengths: Sequence[int] | np.ndarray, batch_size: int, num_replicas: int = 1, rank: int = 0
+    ) -> None:
+        order = np.argsort(-np.asarray(lengths), kind="stable")
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        self.batches = batches[rank::num_replicas]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batches:
+            yield batch.tolist()
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class PadCollator:
+    """Pad a list of ``(ids, label)`` into ``input_ids`` (B x T, int64), ``lengths`` (B, on CPU, as
+    ``pack_padded_sequence`` wants) and ``labels`` (B, float32)."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, examples: list[tuple[np.ndarray, int]]) -> dict[str, torch.Tensor]:
+        lengths = [len(ids) for ids, _ in examples]
+        input_ids = np.full((len(examples), max(lengths)), self.pad_id, dtype=np.int64)
+        for row, (ids, _) in enumerate(examples):
+            input_ids[row, : len(ids)] = ids
+        return {
+            "input_ids": torch.from_numpy(input_ids),
+            "lengths": torch.tensor(lengths, dtype=torch.int64),
+            "labels": torch.tensor([label for _, label in examples], dtype=torch.float32),
+        }
+
+
+def make_dataloader(
+    split: EncodedSplit,
+    batch_size: int,
+    pad_id: int,
+    train: bool,
+    seed: int = 0,
+    num_replicas: int = 1,
+    rank: int = 0,
+) -> DataLoader:
+    """A DataLoader over ``split``: length-grouped shuffled batches for training, sorted ones for evaluation."""
+    if train:
+        sampler: Sampler = LengthGroupedBatchSampler(
+            split.lengths, batch_size, seed=seed, num_replicas=num_replicas, rank=rank
+        )
+    else:
+        sampler = SortedBatchSampler(split.lengths, batch_size, num_replicas=num_replicas, rank=rank)
+    return DataLoader(split, batch_sampler=sampler, collate_fn=PadCollator(pad_id))

@@ -1,0 +1,213 @@
+"""Load IMDB (hub id, local hub-layout folder or Stanford's aclImdb folder) and split it.
+
+``load_imdb`` returns a ``DatasetDict`` with ``train`` and ``test`` (and ``unsupervised`` when present), every
+split with a ``text`` string column and a ``label`` ClassLabel column (0 = neg, 1 = pos), checked for bad labels
+and empty reviews. ``split_imdb`` turns it into seeded, stratified ``train`` / ``validation`` / ``test`` splits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from pathlib import Path
+
+import datasets
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from datasets import ClassLabel, DatasetDict, Features, Value
+
+logger = logging.getLogger(__name__)
+
+LABEL_NAMES = ["neg", "pos"]
+FEATURES = Features({"text": Value("string"), "label": ClassLabel(names=LABEL_NAMES)})
+DEFAULT_DATASET = "stanfordnlp/imdb"
+
+
+class DataError(ValueError):
+    """The dataset is missing or malformed; the message names the problem and the fix."""
+
+
+def _is_aclimdb(path: Path) -> bool:
+    return (path / "train" / "pos").is_dir() and (path / "train" / "neg").is_dir()
+
+
+def _looks_local(name: str) -> bool:
+    """A hub id is ``name`` or ``owner/name``; anything else (``./x``, ``a/b/c``, ``/abs``) is a local path."""
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", name) is None
+
+
+def _read_review(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{path} is not valid UTF-8 ({err.reason} at byte {err.start}). Re-encode the file as UTF-8 or remove it."
+        ) from None
+
+
+def _load_aclimdb(root: Path, cache_dir: str | None) -> DatasetDict:
+    """Read Stanford's aclImdb layout once into parquet under the datasets cache, then load it memory-mapped."""
+    splits: dict[str, list[tuple[Path, int]]] = {}
+    for split in ("train", "test"):
+        files: list[tuple[Path, int]] = []
+        for label, name in enumerate(LABEL_NAMES):
+            folder = root / split / name
+            if not folder.is_dir():
+                raise DataError(
+                    f"aclImdb folder {root} has no {split}/{name}/ folder; it needs train/ and test/ "
+                    "each with pos/ and neg/ folders of .txt reviews"
+                )
+            files += [(p, label) for p in sorted(folder.glob("*.txt"))]
+        if not files:
+            raise DataError(f"aclImdb folder {root}/{split} holds no .txt reviews")
+        splits[split] = files
+    if (root / "train" / "unsup").is_dir():
+        splits["unsupervised"] = [(p, -1) for p in sorted((root / "train" / "unsup").glob("*.txt"))]
+
+    digest = hashlib.sha256(str(root.resolve()).encode())
+    for split, files in splits.items():
+        for path, label in files:
+            stat = path.stat()
+            digest.update(f"{split}|{path.name}|{label}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    cache_root = Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "aclimdb_parquet" / digest.hexdigest()[:16]
+    data_files = {split: str(cache_root / f"{split}.parquet") for split in splits}
+    if not all(Path(f).exists() for f in data_files.values()):
+        cache_root.mkdir(parents=True, exist_ok=True)
+        for split, files in splits.items():
+            table = pa.table(
+                {
+                    "text": pa.array([_read_review(p) for p, _ in files], pa.string()),
+                    "label": pa.array([label for _, label in files], pa.int64()),
+                }
+            )
+            tmp = cache_root / f".{split}.parquet.tmp"
+            pq.write_table(table, tmp)
+            os.replace(tmp, cache_root / f"{split}.parquet")
+    return datasets.load_dataset("parquet", data_files=data_files, cache_dir=cache_dir)
+
+
+def _split_parquet_files(path: Path) -> dict[str, list[str]] | None:
+    """Without a dataset card (README.md) listing the files, datasets only knows train/validation/test file
+    names; find ``train-*.parquet``, ``test-*.parquet`` and ``unsupervised-*.parquet`` ourselves."""
+    if (path / "README.md").is_file():
+        return None
+    files: dict[str, list[str]] = {}
+    for split in ("train", "test", "unsupervised"):
+        found = sorted(str(p) for p in path.rglob("*.parquet") if re.match(rf"{split}([-._]|$)", p.stem))
+        if found:
+            files[split] = found
+    return files or None
+
+
+def load_imdb(name: str = DEFAULT_DATASET, cache_dir: str | None = None) -> DatasetDict:
+    """Load IMDB from a hub id, a local folder in the hub's layout, or an aclImdb folder; validate it."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise DataError(f"dataset path {path} is a file; pass the folder that holds the splits")
+        if not any(path.iterdir()):
+            raise DataError(f"dataset folder {path} is empty; it needs train and test splits")
+        if _is_aclimdb(path):
+            raw = _load_aclimdb(path, cache_dir)
+        else:
+            try:
+                parquet_files = _split_parquet_files(path)
+                if parquet_files:
+                    raw = datasets.load_dataset("parquet", data_files=parquet_files, cache_dir=cache_dir)
+                else:
+                    raw = datasets.load_dataset(str(path), cache_dir=cache_dir)
+            except Exception as err:  # datasets raises many types for unreadable folders
+                raise DataError(
+                    f"could not read dataset folder {path}: {type(err).__name__}: {err}. It must hold the hub's "
+                    "layout (parquet files named train-*.parquet / test-*.parquet, e.g. under plain_text/) "
+                    "or Stanford's aclImdb layout (train/pos, train/neg, test/pos, test/neg)"
+                ) from err
+    elif _looks_local(name):
+        raise DataError(
+            f"dataset folder {name} does not exist. Pass a hub id (default {DEFAULT_DATASET}), a local folder in "
+            "the hub's layout, or an aclImdb folder"
+        )
+    else:
+        try:
+            raw = datasets.load_dataset(name, cache_dir=cache_dir)
+        except Exception as err:  # offline: ConnectionError, OfflineModeIsEnabled, DatasetNotFoundError, ...
+            raise DataError(
+                f"could not load '{name}' from the Hugging Face Hub ({type(err).__name__}: {err}). If you are "
+                "offline, download it elsewhere and point --dataset at the local copy: a folder in the hub's "
+                "layout (as `huggingface-cli download stanfordnlp/imdb --repo-type dataset --local-dir DIR` "
+                "writes) or Stanford's aclImdb folder"
+            ) from err
+    return _validate(raw, name)
+
+
+def _validate(raw: DatasetDict, name: str) -> DatasetDict:
+    missing = [s for s in ("train", "test") if s not in raw]
+    if missing:
+        raise DataError(f"dataset {name} has no {' or '.join(missing)} split (found: {list(raw)}); IMDB needs both")
+    checked = {}
+    for split, ds in raw.items():
+        columns = set(ds.column_names)
+        if not {"text", "label"} <= columns:
+            raise DataError(
+                f"split '{split}' of {name} has columns {sorted(columns)}; it needs a 'text' column (the review) "
+                "and a 'label' column (0 = negative, 1 = positive)"
+            )
+        ds = ds.select_columns(["text", "label"])
+        table = ds.with_format("arrow")[:]
+        labels = table.column("label")
+        if split != "unsupervised":
+            bad = pc.sum(pc.invert(pc.is_in(labels, value_set=pa.array([0, 1], labels.type)))).as_py() or 0
+            if labels.null_count or bad:
+                values = sorted({v for v in labels.to_pylist() if v not in (0, 1)}, key=str)[:5]
+                raise DataError(
+                    f"split '{split}' of {name} has {bad + labels.null_count} labels outside {{0, 1}} "
+                    f"(e.g. {values}); labels must be 0 (negative) or 1 (positive)"
+                )
+        texts = table.column("text")
+        empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(pc.fill_null(texts, ""))), 0)
+        n_empty = pc.sum(empty).as_py() or 0
+        if n_empty:
+            rows = [i for i, e in enumerate(empty.to_pylist()) if e][:5]
+            raise DataError(
+                f"split '{split}' of {name} has {n_empty} empty reviews (rows {rows}); remove them from the data"
+            )
+        if split != "unsupervised" and ds.features["label"] != FEATURES["label"]:
+            ds = ds.cast(FEATURES)
+        checked[split] = ds
+    return DatasetDict(checked)
+
+
+def split_imdb(
+    raw: DatasetDict,
+    scheme: str = "standard",
+    valid_fraction: float = 0.1,
+    seed: int = 42,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+) -> DatasetDict:
+    """Seeded, stratified train / validation / test splits.
+
+    ``standard``: validation is ``valid_fraction`` of train; the full test set is the test set.
+    ``seed`` (the report's scheme): train is the full train set; test is divided into test and validation,
+    ``valid_fraction`` of it going to validation (the report used 0.3).
+    ``max_train_samples`` / ``max_eval_samples`` keep the first N of each (already shuffled) split.
+    """
+    if scheme == "standard":
+        parts = raw["train"].train_test_split(test_size=valid_fraction, stratify_by_column="label", seed=seed)
+        splits = DatasetDict(train=parts["train"], validation=parts["test"], test=raw["test"])
+        if max_eval_samples is not None:
+            splits["test"] = splits["test"].shuffle(seed=seed)
+    elif scheme == "seed":
+        parts = raw["test"].train_test_split(test_size=valid_fraction, stratify_by_column="label", seed=seed)
+        splits = DatasetDict(train=raw["train"].shuffle(seed=seed), validation=parts["test"], test=parts["train"])
+    else:
+        raise DataError(f"split_scheme must be 'standard' or 'seed' (got {scheme!r})")
+    if max_train_samples is not None:
+        splits["train"] = splits["train"].select(range(min(max_train_samples, len(splits["train"]))))
+    if max_eval_samples is not None:
+        for split in ("validation", "test"):
+            splits[split] = splits[split].select(range(min(max_eval_samples, len(splits[split]))))
+    return splits

@@ -1,0 +1,161 @@
+"""The model: embedding -> packed (Bi)LSTM -> final hidden state -> dropout -> linear -> one logit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+RNN_INPUTS = ("auto", "packed", "padded")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be loaded; the message names the problem and the fix."""
+
+
+def _unshare_storage(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """Give every tensor of the state dict its own storage.
+
+    On GPU, cuDNN packs all LSTM weights into one flat buffer, so the parameters are views of one storage;
+    safetensors then refuses to save them (``save_pretrained``) and Accelerate's ``save_state`` would drop all but
+    one as "shared". Copies of a few MB make both save every weight.
+    """
+    for name, tensor in state_dict.items():
+        if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().nbytes() > tensor.nbytes:
+            state_dict[name] = tensor.detach().clone()
+
+
+class LSTMClassifier(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="sentiment-lstm",
+    tags=["text-classification", "sentiment-analysis", "lstm", "imdb"],
+    license="apache-2.0",
+):
+    """An LSTM (or BiLSTM) binary sentiment classifier over word ids.
+
+    ``save_pretrained`` writes ``model.safetensors`` and ``config.json`` (these constructor arguments);
+    ``from_pretrained`` rebuilds the model from them, from a folder or a hub id. ``lowercase`` and
+    ``max_length`` are not used by the network: they record the preprocessing the checkpoint expects
+    (``tokenizer.json`` beside it applies them).
+
+    ``rnn_input`` picks how the LSTM sees a padded batch; both give the same result:
+    ``packed`` runs ``nn.LSTM`` on ``pack_padded_sequence`` (cuDNN's packed kernels on GPU); ``padded`` runs each
+    layer and direction on the padded tensor, the backward direction on a copy reversed within each review's
+    length, and reads each review's state at its true last token (PyTorch's CPU backward through packed
+    sequences of unequal lengths grows quadratically with the length; this path does not). ``auto``: packed on
+    GPU, padded on CPU.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        embedding_dim: int = 50,
+        hidden_dim: int = 100,
+        n_layers: int = 1,
+        bidirectional: bool = False,
+        dropout: float = 0.5,
+        pad_id: int = 1,
+        freeze_embeddings: bool = False,
+        lowercase: bool = False,
+        max_length: int | None = None,
+        rnn_input: str = "auto",
+    ) -> None:
+        super().__init__()
+        if rnn_input not in RNN_INPUTS:
+            raise ValueError(f"rnn_input must be one of {RNN_INPUTS} (got {rnn_input!r})")
+        self.rnn_input = rnn_input
+        self.pad_id = pad_id
+        self.lowercase = lowercase
+        self.max_length = max_length
+        self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=pad_id)
+        self.embedding.weight.requires_grad_(not freeze_embeddings)
+        self.lstm = nn.LSTM(
+            embedding_dim,
+            hidden_dim,
+            num_layers=n_layers,
+            bidirectional=bidirectional,
+            dropout=dropout if n_layers > 1 else 0.0,
+            batch_first=True,
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden_dim * (2 if bidirectional else 1), 1)
+        self.register_state_dict_post_hook(_unshare_storage)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> LSTMClassifier:
+        """Load a checkpoint folder (``model.safetensors`` + ``config.json``) or hub id; a clear error if it
+        cannot be read."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except Exception as err:
+            raise CheckpointError(
+                f"could not load an LSTMClassifier from {pretrained_model_name_or_path} ({type(err).__name__}: "
+                f"{str(err)[:300]}). Point at a folder written by training (runs/NAME/best, holding "
+                "model.safetensors and config.json) or at a hub id you can reach; re-create a damaged checkpoint "
+                "by training again"
+            ) from err
+
+    def load_embeddings(self, weight: torch.Tensor) -> None:
+        """Copy pretrained vectors (vocab_size x embedding_dim) into the embedding."""
+        if weight.shape != self.embedding.weight.shape:
+            raise ValueError(
+                f"embedding matrix has shape {tuple(weight.shape)}, the model expects "
+                f"{tuple(self.embedding.weight.shape)}"
+            )
+        with torch.no_grad():
+            self.embedding.weight.copy_(weight)
+
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Logits (B,) for right-padded ``input_ids`` (B x T) whose true lengths are ``lengths`` (B, any device)."""
+        embedded = self.dropout(self.embedding(input_ids))
+        use_packed = self.rnn_input == "packed" or (self.rnn_input == "auto" and embedded.is_cuda)
+        final = self._packed_final(embedded, lengths) if use_packed else self._padded_final(embedded, lengths)
+        return self.classifier(self.dropout(final)).squeeze(-1)
+
+    def _packed_final(self, embedded: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        packed = pack_padded_sequence(embedded, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        _, (hidden, _) = self.lstm(packed)
+        if self.lstm.bidirectional:
+            return torch.cat([hidden[-2], hidden[-1]], dim=-1)
+        return hidden[-1]
+
+    def _padded_final(self, embedded: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        batch, steps, _ = embedded.shape
+        lengths = lengths.to(embedded.device)
+        positions = torch.arange(steps, device=embedded.device).unsqueeze(0)
+        last = (lengths - 1).unsqueeze(1)
+        # Reverses each review within its length and leaves the padding after it in place (its own inverse).
+        reverse_index = torch.where(positions <= last, last - positions, positions).unsqueeze(-1)
+        directions = 2 if self.lstm.bidirectional else 1
+        hidden_size = self.lstm.hidden_size
+        zeros = embedded.new_zeros(1, batch, hidden_size)
+        layer_input = embedded
+        for layer in range(self.lstm.num_layers):
+            outputs = []
+            for direction in range(directions):
+                suffix = f"_l{layer}" + ("_reverse" if direction else "")
+                weights = [
+                    getattr(self.lstm, f"{name}{suffix}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+                ]
+                if direction:
+                    sequence = layer_input.gather(1, reverse_index.expand(-1, -1, layer_input.shape[-1]))
+                else:
+                    sequence = layer_input
+                output = torch.lstm(sequence, (zeros, zeros), weights, True, 1, 0.0, self.training, False, True)[0]
+                if direction:
+                    output = output.gather(1, reverse_index.expand(-1, -1, hidden_size))
+                outputs.append(output)
+            layer_input = torch.cat(outputs, dim=-1) if directions == 2 else outputs[0]
+            if layer < self.lstm.num_layers - 1 and self.lstm.dropout > 0:
+                layer_input = F.dropout(layer_input, self.lstm.dropout, self.training)
+        rows = torch.arange(batch, device=embedded.device)
+        final = layer_input[rows, lengths - 1, :hidden_size]
+        if directions == 2:
+            final = torch.cat([final, layer_input[:, 0, hidden_size:]], dim=-1)
+        return final

@@ -1,0 +1,166 @@
+"""Text: spaCy pretokenization, a ``tokenizers`` WordLevel vocabulary built from train, and encoding.
+
+Every step runs through ``datasets.map(batched=True)`` with a fingerprint made of what determines its output
+(the input's fingerprint and the settings), so a second run with the same settings reads the cache and does no
+tokenization at all.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Iterator, Sequence
+
+from datasets import DatasetDict
+from datasets.fingerprint import Hasher
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+UNK_TOKEN = "<unk>"
+PAD_TOKEN = "<pad>"
+SPECIAL_TOKENS = [UNK_TOKEN, PAD_TOKEN]
+UNK_ID = 0
+PAD_ID = 1
+_HTML_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
+# Bump when the pretokenization itself changes, so old caches are not reused.
+_PRETOKENIZER_VERSION = "spacy-blank-en-v1"
+
+
+@functools.lru_cache(maxsize=1)
+def _spacy_tokenizer():
+    import spacy
+
+    return spacy.blank("en").tokenizer
+
+
+def clean_text(text: str) -> str:
+    """Remove IMDB's HTML line breaks (``<br />``), which spaCy would otherwise turn into tokens like ``/><br``."""
+    return _HTML_BREAK.sub(" ", text)
+
+
+def pretokenize(texts: Sequence[str]) -> list[list[str]]:
+    """Split raw reviews into words with spaCy's English tokenizer (no model download); drop whitespace tokens."""
+    tokenizer = _spacy_tokenizer()
+    return [
+        [token.text for token in doc if not token.is_space]
+        for doc in tokenizer.pipe((clean_text(t) for t in texts), batch_size=256)
+    ]
+
+
+def _pretokenize_batch(batch: dict[str, list]) -> dict[str, list]:
+    return {"tokens": pretokenize(batch["text"])}
+
+
+def _fingerprint(*parts: object) -> str:
+    return Hasher.hash(parts)
+
+
+def pretokenize_splits(splits: DatasetDict, num_proc: int | None = None) -> DatasetDict:
+    """Add a ``tokens`` column (spaCy words) to every split, replacing ``text``; cached on the datasets cache."""
+    import spacy
+
+    return DatasetDict(
+        {
+            name: ds.map(
+                _pretokenize_batch,
+                batched=True,
+                batch_size=500,
+                num_proc=num_proc if num_proc and num_proc > 1 and len(ds) >= 1000 else None,
+                remove_columns=["text"],
+                new_fingerprint=_fingerprint(ds._fingerprint, _PRETOKENIZER_VERSION, spacy.__version__),
+                desc=f"spaCy tokenizing {name}",
+            )
+            for name, ds in splits.items()
+        }
+    )
+
+
+def build_tokenizer(
+    token_lists: Iterator[list[str]] | Sequence[list[str]],
+    max_vocab_size: int = 20000,
+    min_freq: int = 1,
+    lowercase: bool = False,
+    max_length: int | None = None,
+) -> Tokenizer:
+    """Train a WordLevel tokenizer: the ``max_vocab_size`` most frequent words seen at least ``min_freq`` times,
+    plus ``<unk>`` (id 0) and ``<pad>`` (id 1). Lowercasing and truncation live in the tokenizer itself, so
+    ``tokenizer.json`` carries the preprocessing with it.
+    """
+    tokenizer = Tokenizer(models.WordLevel(unk_token=UNK_TOKEN))
+    if lowercase:
+        tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.WordLevelTrainer(
+        vocab_size=max_vocab_size + len(SPECIAL_TOKENS),
+        min_frequency=min_freq,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
+    )
+
+    def joined() -> Iterator[list[str]]:
+        batch: list[str] = []
+        for tokens in token_lists:
+            batch.append(" ".join(tokens))
+            if len(batch) == 1000:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    tokenizer.train_from_iterator(joined(), trainer=trainer)
+    if tokenizer.token_to_id(UNK_TOKEN) != UNK_ID or tokenizer.token_to_id(PAD_TOKEN) != PAD_ID:
+        raise RuntimeError("special tokens did not get ids 0 (<unk>) and 1 (<pad>)")
+    if max_length is not None:
+        tokenizer.enable_truncation(max_length)
+    return tokenizer
+
+
+def build_vocabulary(
+    train_split,
+    max_vocab_size: int = 20000,
+    min_freq: int = 1,
+    lowercase: bool = False,
+    max_length: int | None = None,
+) -> Tokenizer:
+    """``build_tokenizer`` over the ``tokens`` column of a pretokenized training split (never validation/test)."""
+    column = train_split.with_format("arrow")
+    token_lists = (
+        tokens
+        for start in range(0, len(train_split), 2000)
+        for tokens in column[start : start + 2000]["tokens"].to_pylist()
+    )
+    return build_tokenizer(token_lists, max_vocab_size, min_freq, lowercase, max_length)
+
+
+def encode_tokens(tokenizer: Tokenizer, token_lists: Sequence[list[str]]) -> list[list[int]]:
+    """Map pretokenized texts to ids with the Rust tokenizer; an empty text becomes a single ``<unk>``."""
+    encodings = tokenizer.encode_batch(list(token_lists), is_pretokenized=True, add_special_tokens=False)
+    return [encoding.ids or [UNK_ID] for encoding in encodings]
+
+
+def encode_splits(splits: DatasetDict, tokenizer: Tokenizer) -> DatasetDict:
+    """Replace ``tokens`` with ``input_ids`` (int32) and ``length``; cached, keyed by data and tokenizer."""
+    from datasets import Sequence as SequenceFeature
+    from datasets import Value
+
+    tokenizer_key = tokenizer.to_str()
+
+    def encode_batch(batch: dict[str, list]) -> dict[str, list]:
+        ids = encode_tokens(tokenizer, batch["tokens"])
+        return {"input_ids": ids, "length": [len(x) for x in ids]}
+
+    encoded = {}
+    for name, ds in splits.items():
+        features = ds.features.copy()
+        del features["tokens"]
+        features["input_ids"] = SequenceFeature(Value("int32"))
+        features["length"] = Value("int32")
+        encoded[name] = ds.map(
+            encode_batch,
+            batched=True,
+            batch_size=2000,
+            remove_columns=["tokens"],
+            features=features,
+            new_fingerprint=_fingerprint(ds._fingerprint, "encode", tokenizer_key),
+            desc=f"encoding {name}",
+        )
+    return DatasetDict(encoded)

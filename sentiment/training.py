@@ -1,0 +1,329 @@
+"""The Accelerate training loop: train, evaluate, gather metrics, log to trackers, keep the best checkpoint,
+save state each epoch for ``--resume``, evaluate the best model on test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import secrets
+import shutil
+import string
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, set_seed
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from sentiment.batching import make_dataloader
+from sentiment.config import ConfigError, TrainConfig
+from sentiment.model import LSTMClassifier
+from sentiment.prepare import PreparedData, prepare_data
+
+logger = logging.getLogger(__name__)
+
+TRAINER_STATE = "trainer_state.json"
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a completely written folder ``tmp`` to ``final``; the old ``final`` survives until the new one is in."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _existing_dir(final: Path) -> Path | None:
+    """``final``, or its ``.old`` copy when a crash struck between the two renames of ``replace_dir``."""
+    old = final.with_name(final.name + ".old")
+    return final if final.is_dir() else old if old.is_dir() else None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a text file through a temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _default_run_name(cfg: TrainConfig) -> str:
+    kind = "bilstm" if cfg.bidirectional else "lstm"
+    return f"{kind}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def _check_output_dir(cfg: TrainConfig, output_dir: Path) -> None:
+    holds_run = (output_dir / "config.yaml").exists() or _existing_dir(output_dir / "state") is not None
+    if cfg.resume:
+        if _existing_dir(output_dir / "state") is None:
+            raise ConfigError(f"--resume: {output_dir} holds no saved state to continue; start it without --resume")
+    elif holds_run and not cfg.overwrite:
+        raise ConfigError(
+            f"output_dir {output_dir} already holds a run. Pass --resume to continue it, --overwrite to "
+            "replace it, or choose another --output_dir"
+        )
+
+
+def _setup_wandb(cfg: TrainConfig, output_dir: Path, run_id: str | None) -> dict[str, Any]:
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "report_to: wandb needs the wandb package (pip install wandb); or pass --report_to=none"
+        ) from None
+    if "WANDB_MODE" not in os.environ and not _wandb_logged_in():
+        os.environ["WANDB_MODE"] = "offline"
+        logger.info("wandb: not logged in, writing an offline run (upload it later with `wandb sync`)")
+    kwargs: dict[str, Any] = {"dir": str(output_dir)}
+    if "WANDB_SWEEP_ID" not in os.environ:
+        kwargs["name"] = cfg.run_name or output_dir.name
+    if run_id:
+        kwargs.update(id=run_id, resume="allow")
+    return kwargs
+
+
+def _wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+
+    try:
+        hosts = netrc.netrc().hosts
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+    return any("wandb" in host for host in hosts)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, accelerator: Accelerator) -> dict[str, float]:
+    """Loss and accuracy over every example of ``loader`` on all processes, each example counted once."""
+    model.eval()
+    stats = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
+    for batch in loader:
+        labels = batch["labels"].to(accelerator.device)
+        logits = model(batch["input_ids"].to(accelerator.device), batch["lengths"]).float()
+        stats[0] += F.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
+        stats[1] += ((logits > 0).float() == labels).sum()
+        stats[2] += len(labels)
+    stats = accelerator.reduce(stats, reduction="sum")
+    count = stats[2].item()
+    return {"loss": stats[0].item() / count, "acc": stats[1].item() / count, "count": int(count)}
+
+
+def plot_curves(history: list[dict[str, float]], path: Path) -> None:
+    """Loss and accuracy per epoch, train against validation, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric, title in ((axes[0], "loss", "Loss (BCE)"), (axes[1], "acc", "Accuracy")):
+        ax.plot(epochs, [h[f"train_{metric}"] for h in history], "o-", label="train")
+        ax.plot(epochs, [h[f"valid_{metric}"] for h in history], "o-", label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train ``cfg`` end to end and return the final metrics (also written to ``output_dir/metrics.json``)."""
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision, log_with="wandb" if cfg.report_to == "wandb" else None
+    )
+    names = [cfg.output_dir or str(Path("runs") / (cfg.run_name or _default_run_name(cfg)))]
+    broadcast_object_list(names)
+    output_dir = Path(names[0])
+    _check_output_dir(cfg, output_dir)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if cfg.overwrite and output_dir.exists():
+            shutil.rmtree(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    with accelerator.main_process_first():
+        data = PreparedData.load(cfg.prepared) if cfg.prepared else prepare_data(cfg)
+    resolved = dataclasses.replace(cfg, output_dir=str(output_dir), **data.data_config())
+    if accelerator.is_main_process:
+        resolved.save(output_dir / "config.yaml")
+        logger.info(
+            "data: %s; vocabulary %d; GloVe coverage %s",
+            data.info["sizes"],
+            data.info["vocab_size"],
+            f"{100 * data.info['vectors_coverage']:.1f}%" if "vectors_coverage" in data.info else "n/a",
+        )
+
+    set_seed(cfg.seed)
+    model = LSTMClassifier(
+        vocab_size=data.tokenizer.get_vocab_size(),
+        embedding_dim=resolved.embedding_dim,
+        hidden_dim=cfg.hidden_dim,
+        n_layers=cfg.n_layers,
+        bidirectional=cfg.bidirectional,
+        dropout=cfg.dropout,
+        pad_id=data.info["pad_id"],
+        freeze_embeddings=cfg.freeze_embeddings,
+        lowercase=resolved.lowercase,
+        max_length=resolved.max_length,
+        rnn_input=cfg.rnn_input,
+    )
+    if data.embeddings is not None:
+        model.load_embeddings(torch.from_numpy(data.embeddings))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    shard = {"num_replicas": accelerator.num_processes, "rank": accelerator.process_index}
+    pad_id = data.info["pad_id"]
+    train_loader = make_dataloader(data.splits["train"], cfg.batch_size, pad_id, train=True, seed=cfg.seed, **shard)
+    valid_loader = make_dataloader(data.splits["validation"], cfg.eval_batch_size, pad_id, train=False, **shard)
+    test_loader = make_dataloader(data.splits["test"], cfg.eval_batch_size, pad_id, train=False, **shard)
+
+    state: dict[str, Any] = {
+        "epoch": 0,
+        "history": [],
+        "best_valid_acc": -1.0,
+        "best_epoch": None,
+        "wandb_run_id": None,
+    }
+    if cfg.resume:
+        state_dir = _existing_dir(output_dir / "state")
+        accelerator.load_state(str(state_dir))
+        state = json.loads((state_dir / TRAINER_STATE).read_text())
+        logger.info("resumed from %s after epoch %d", state_dir, state["epoch"])
+    if cfg.report_to == "wandb":
+        if accelerator.is_main_process and state["wandb_run_id"] is None:
+            alphabet = string.ascii_lowercase + string.digits
+            state["wandb_run_id"] = os.environ.get("WANDB_RUN_ID") or "".join(
+                secrets.choice(alphabet) for _ in range(8)
+            )
+        init_kwargs = _setup_wandb(cfg, output_dir, state["wandb_run_id"]) if accelerator.is_main_process else {}
+        accelerator.init_trackers(cfg.project, config=resolved.to_dict(), init_kwargs={"wandb": init_kwargs})
+
+    device = accelerator.device
+    for epoch in range(state["epoch"], cfg.epochs):
+        model.train()
+        train_loader.batch_sampler.set_epoch(epoch)
+        totals = torch.zeros(3, dtype=torch.float64, device=device)
+        started = time.perf_counter()
+        bar = tqdm(
+            train_loader,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=not accelerator.is_main_process,
+            leave=False,
+        )
+        for step, batch in enumerate(bar):
+            labels = batch["labels"].to(device, non_blocking=True)
+            logits = model(batch["input_ids"].to(device, non_blocking=True), batch["lengths"])
+            loss = F.binary_cross_entropy_with_logits(logits.float(), labels)
+            accelerator.backward(loss)
+            if cfg.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                totals += torch.stack(
+                    [
+                        loss.detach().double() * len(labels),
+                        ((logits.detach() > 0).float() == labels).sum().double(),
+                        torch.tensor(len(labels), dtype=torch.float64, device=device),
+                    ]
+                )
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+        totals = accelerator.reduce(totals, reduction="sum")
+        train_seconds = time.perf_counter() - started
+        valid = evaluate(accelerator.unwrap_model(model), valid_loader, accelerator)
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": totals[0].item() / totals[2].item(),
+            "train_acc": totals[1].item() / totals[2].item(),
+            "valid_loss": valid["loss"],
+            "valid_acc": valid["acc"],
+            "epoch_seconds": train_seconds,
+            "eval_seconds": time.perf_counter() - started - train_seconds,
+        }
+        state["history"].append(record)
+        accelerator.log(record, step=epoch + 1)
+        if accelerator.is_main_process:
+            logger.info(
+                "epoch %d: %s",
+                epoch + 1,
+                ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch"),
+            )
+        if record["valid_acc"] > state["best_valid_acc"]:
+            state.update(best_valid_acc=record["valid_acc"], best_epoch=epoch + 1)
+            if accelerator.is_main_process:
+                _save_best(accelerator.unwrap_model(model), data, output_dir)
+        state["epoch"] = epoch + 1
+        _save_state(accelerator, state, output_dir)
+
+    accelerator.wait_for_everyone()
+    best_dir = _existing_dir(output_dir / "best")
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.load_state_dict(load_file(best_dir / "model.safetensors", device=str(device)))
+    test = evaluate(unwrapped, test_loader, accelerator)
+    best = state["history"][state["best_epoch"] - 1]
+    metrics = {
+        "best_epoch": state["best_epoch"],
+        "train_loss": best["train_loss"],
+        "train_acc": best["train_acc"],
+        "valid_loss": best["valid_loss"],
+        "valid_acc": best["valid_acc"],
+        "test_loss": test["loss"],
+        "test_acc": test["acc"],
+        "sizes": {"train": len(data.splits["train"]), "validation": valid["count"], "test": test["count"]},
+        "epoch_seconds_mean": sum(h["epoch_seconds"] for h in state["history"]) / len(state["history"]),
+        "num_processes": accelerator.num_processes,
+        "history": state["history"],
+    }
+    accelerator.log({"test_loss": test["loss"], "test_acc": test["acc"], "best_valid_acc": best["valid_acc"]})
+    if accelerator.is_main_process:
+        write_atomic(output_dir / "metrics.json", json.dumps(metrics, indent=2))
+        plot_curves(state["history"], output_dir / "curves.png")
+        logger.info(
+            "best epoch %d: valid_acc %.4f; test_loss %.4f, test_acc %.4f -> %s",
+            state["best_epoch"],
+            best["valid_acc"],
+            test["loss"],
+            test["acc"],
+            output_dir,
+        )
+    accelerator.end_training()
+    return metrics
+
+
+def _save_best(model: LSTMClassifier, data: PreparedData, output_dir: Path) -> None:
+    tmp = output_dir / ".best.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    data.tokenizer.save(str(tmp / "tokenizer.json"))
+    replace_dir(tmp, output_dir / "best")
+
+
+def _save_state(accelerator: Accelerator, state: dict[str, Any], output_dir: Path) -> None:
+    tmp = output_dir / ".state.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
+        replace_dir(tmp, output_dir / "state")
+    accelerator.wait_for_everyone()

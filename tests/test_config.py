@@ -1,0 +1,403 @@
+"""Tests for sentiment.config: YAML + flag parsing, type coercion, validation and the shipped configs."""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sentiment.config import ConfigError, TrainConfig, build_config, config_keys, parse_overrides
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def write_yaml(path: Path, values: dict[str, object]) -> Path:
+    """Write ``values`` as a YAML file and return its path."""
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+# ---------------------------------------------------------------------------------------- build_config
+
+
+def test_build_config_defaults_without_file() -> None:
+    """No file and no flags gives the dataclass defaults."""
+    assert build_config() == TrainConfig()
+
+
+def test_build_config_from_yaml(tmp_path: Path) -> None:
+    """Every key in the YAML file lands in the config; the rest keep their defaults."""
+    path = write_yaml(tmp_path / "c.yaml", {"hidden_dim": 33, "n_layers": 2, "bidirectional": True, "lr": 0.02})
+    cfg = build_config(path)
+    assert (cfg.hidden_dim, cfg.n_layers, cfg.bidirectional, cfg.lr) == (33, 2, True, 0.02)
+    assert cfg.batch_size == TrainConfig().batch_size
+
+
+def test_overrides_win_over_yaml(tmp_path: Path) -> None:
+    """Flags are applied on top of the YAML file."""
+    path = write_yaml(tmp_path / "c.yaml", {"hidden_dim": 33, "epochs": 4})
+    cfg = build_config(path, parse_overrides(["--hidden_dim=7"]))
+    assert cfg.hidden_dim == 7
+    assert cfg.epochs == 4
+
+
+def test_empty_yaml_file_gives_defaults(tmp_path: Path) -> None:
+    """An empty YAML file is an empty mapping."""
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert build_config(path) == TrainConfig()
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    """A config path that does not exist is a ConfigError naming it."""
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="not found") as err:
+        build_config(path)
+    assert str(path) in str(err.value)
+
+
+def test_yaml_that_is_not_a_mapping(tmp_path: Path) -> None:
+    """A YAML list is rejected with a message saying a mapping is needed."""
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        build_config(path)
+
+
+def test_invalid_yaml(tmp_path: Path) -> None:
+    """Broken YAML syntax is a ConfigError, not a yaml exception."""
+    path = tmp_path / "bad.yaml"
+    path.write_text("hidden_dim: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        build_config(path)
+
+
+# ------------------------------------------------------------------------------------- parse_overrides
+
+
+def test_parse_key_equals_value() -> None:
+    """``--key=value`` parses the value as YAML."""
+    assert parse_overrides(["--hidden_dim=3", "--run_name=abc"]) == {"hidden_dim": 3, "run_name": "abc"}
+
+
+def test_parse_key_space_value() -> None:
+    """``--key value`` takes the next argument as the value."""
+    assert parse_overrides(["--hidden_dim", "3", "--project", "p"]) == {"hidden_dim": 3, "project": "p"}
+
+
+def test_parse_bare_flag_is_true() -> None:
+    """A bare ``--flag`` (last, or followed by another flag) means true."""
+    assert parse_overrides(["--lowercase", "--hidden_dim=2", "--bidirectional"]) == {
+        "lowercase": True,
+        "hidden_dim": 2,
+        "bidirectional": True,
+    }
+
+
+def test_parse_dashes_become_underscores() -> None:
+    """``--hidden-dim`` is the key ``hidden_dim``."""
+    assert parse_overrides(["--hidden-dim=5"]) == {"hidden_dim": 5}
+
+
+def test_parse_value_containing_equals() -> None:
+    """Only the first ``=`` separates key and value."""
+    assert parse_overrides(["--run_name=a=b"]) == {"run_name": "a=b"}
+
+
+def test_parse_empty_value_is_none() -> None:
+    """``--key=`` means null."""
+    assert parse_overrides(["--max_length="]) == {"max_length": None}
+
+
+@pytest.mark.parametrize("arg", ["hidden_dim=3", "-x", "--"])
+def test_parse_rejects_non_options(arg: str) -> None:
+    """Anything that is not ``--key...`` is rejected, naming the argument."""
+    with pytest.raises(ConfigError, match="unexpected argument") as err:
+        parse_overrides([arg])
+    assert repr(arg) in str(err.value)
+
+
+@pytest.mark.parametrize("value", ["none", "None", "null", ""])
+def test_key_none_gives_none_for_optional(value: str) -> None:
+    """``--key=none`` (and null/empty) sets an optional key to None."""
+    cfg = build_config(None, parse_overrides(["--max_length=50", "--run_name=x"]))
+    assert cfg.max_length == 50
+    cfg = build_config(None, parse_overrides([f"--max_length={value}", f"--run_name={value}"]))
+    assert cfg.max_length is None
+    assert cfg.run_name is None
+
+
+def test_vectors_none_stays_a_string() -> None:
+    """``vectors`` is not optional: ``--vectors=none`` is the string 'none' (random init)."""
+    assert build_config(None, parse_overrides(["--vectors=none"])).vectors == "none"
+
+
+# -------------------------------------------------------------------------------------------- coercion
+
+
+def test_int_from_string() -> None:
+    """An int field accepts a numeric string and an integral float."""
+    cfg = build_config(None, {"hidden_dim": "3", "n_layers": 2.0})
+    assert cfg.hidden_dim == 3 and type(cfg.hidden_dim) is int
+    assert cfg.n_layers == 2 and type(cfg.n_layers) is int
+
+
+def test_float_from_exponent_string_in_yaml(tmp_path: Path) -> None:
+    """PyYAML reads ``1e-3`` as a string (YAML 1.1); the float field still gets 0.001."""
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1e-3\ndropout: 2e-1\n")
+    assert isinstance(yaml.safe_load(path.read_text())["lr"], str)  # the case being tested
+    cfg = build_config(path)
+    assert cfg.lr == pytest.approx(1e-3) and type(cfg.lr) is float
+    assert cfg.dropout == pytest.approx(0.2)
+
+
+def test_float_from_exponent_flag() -> None:
+    """``--lr=5e-4`` becomes the float 0.0005; an int value becomes a float."""
+    cfg = build_config(None, parse_overrides(["--lr=5e-4", "--max_grad_norm=1"]))
+    assert cfg.lr == pytest.approx(5e-4)
+    assert cfg.max_grad_norm == 1.0 and type(cfg.max_grad_norm) is float
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("true", True),
+        ("True", True),
+        ("yes", True),
+        ("1", True),
+        ("false", False),
+        ("no", False),
+        ("0", False),
+    ],
+)
+def test_bool_from_strings(raw: str, expected: bool) -> None:
+    """Bool fields accept true/false/yes/no/1/0, both as raw strings and through flag parsing."""
+    assert build_config(None, {"lowercase": raw}).lowercase is expected
+    assert build_config(None, parse_overrides([f"--lowercase={raw}"])).lowercase is expected
+
+
+@pytest.mark.parametrize(("key", "value"), [("lowercase", "maybe"), ("bidirectional", 2)])
+def test_bool_rejects_other_values(key: str, value: object) -> None:
+    """A bool field rejects anything that is not a boolean spelling."""
+    with pytest.raises(ConfigError, match=f"{key} must be true or false"):
+        build_config(None, {key: value})
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("hidden_dim", "abc"), ("hidden_dim", 2.5), ("epochs", True), ("lr", "fast"), ("max_length", "long")],
+)
+def test_wrong_type_names_key(key: str, value: object) -> None:
+    """A value of the wrong type is a ConfigError that names the key."""
+    with pytest.raises(ConfigError) as err:
+        build_config(None, {key: value})
+    assert key in str(err.value)
+
+
+def test_wrong_type_from_flag() -> None:
+    """``--hidden_dim=abc`` names the key and says an integer is expected."""
+    with pytest.raises(ConfigError, match="hidden_dim must be an integer"):
+        build_config(None, parse_overrides(["--hidden_dim=abc"]))
+
+
+# ---------------------------------------------------------------------------------------------- ranges
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("dropout", 1.0),
+        ("dropout", -0.1),
+        ("hidden_dim", 0),
+        ("lr", 0),
+        ("lr", -1e-3),
+        ("batch_size", 0),
+        ("eval_batch_size", 0),
+        ("epochs", 0),
+        ("n_layers", 0),
+        ("valid_fraction", 1.5),
+        ("valid_fraction", 0),
+        ("max_vocab_size", 0),
+        ("min_freq", 0),
+        ("max_length", 0),
+        ("max_train_samples", 1),
+        ("max_eval_samples", 0),
+        ("max_grad_norm", 0),
+        ("num_proc", 0),
+    ],
+)
+def test_out_of_range_names_key(key: str, value: object) -> None:
+    """Out-of-range values are ConfigErrors naming the key and the value."""
+    with pytest.raises(ConfigError) as err:
+        build_config(None, {key: value})
+    assert key in str(err.value)
+    assert str(value) in str(err.value)
+
+
+def test_boundary_values_accepted() -> None:
+    """The edges of the allowed ranges are accepted (dropout 0, sizes 1, max_train_samples 2)."""
+    cfg = build_config(
+        None,
+        {"dropout": 0.0, "hidden_dim": 1, "batch_size": 1, "max_train_samples": 2, "valid_fraction": 0.99},
+    )
+    assert (cfg.dropout, cfg.hidden_dim, cfg.batch_size, cfg.max_train_samples) == (0.0, 1, 1, 2)
+
+
+def test_resume_and_overwrite_exclude_each_other() -> None:
+    """``--resume --overwrite`` is refused."""
+    with pytest.raises(ConfigError, match="resume and overwrite"):
+        build_config(None, parse_overrides(["--resume", "--overwrite"]))
+
+
+def test_range_check_from_yaml(tmp_path: Path) -> None:
+    """The range checks also apply to values from a YAML file."""
+    path = write_yaml(tmp_path / "c.yaml", {"dropout": 1.0})
+    with pytest.raises(ConfigError, match="dropout"):
+        build_config(path)
+
+
+# -------------------------------------------------------------------------------------- Literal fields
+
+
+@pytest.mark.parametrize(("key", "value"), [("split_scheme", "random"), ("report_to", "tensorboard")])
+def test_literal_rejects_bad_value(key: str, value: str) -> None:
+    """A Literal field rejects values outside its choices and lists the choices."""
+    with pytest.raises(ConfigError) as err:
+        build_config(None, parse_overrides([f"--{key}={value}"]))
+    message = str(err.value)
+    assert key in message and repr(value) in message
+    for choice in typing.get_args(typing.get_type_hints(TrainConfig)[key]):
+        assert choice in message
+
+
+def _literal_choices() -> list[tuple[str, str]]:
+    hints = typing.get_type_hints(TrainConfig)
+    return [
+        (name, choice)
+        for name, hint in hints.items()
+        if typing.get_origin(hint) is typing.Literal
+        for choice in typing.get_args(hint)
+    ]
+
+
+@pytest.mark.parametrize(("key", "value"), _literal_choices())
+def test_literal_accepts_every_choice_from_flags(key: str, value: str) -> None:
+    """Every documented choice of every Literal field can be given as ``--key=value``."""
+    assert getattr(build_config(None, parse_overrides([f"--{key}={value}"])), key) == value
+
+
+@pytest.mark.parametrize(("key", "value"), _literal_choices())
+def test_literal_accepts_every_choice_from_yaml(tmp_path: Path, key: str, value: str) -> None:
+    """Every documented choice of every Literal field can be written unquoted in a YAML config."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"{key}: {value}\n")
+    assert getattr(build_config(path), key) == value
+
+
+# ---------------------------------------------------------------------------------------- unknown keys
+
+
+def test_unknown_key_in_yaml(tmp_path: Path) -> None:
+    """A misspelt key in YAML names the key and the file, suggests the close match and lists valid keys."""
+    path = write_yaml(tmp_path / "c.yaml", {"hiden_dim": 3})
+    with pytest.raises(ConfigError) as err:
+        build_config(path)
+    message = str(err.value)
+    assert "'hiden_dim'" in message
+    assert str(path) in message
+    assert "Did you mean 'hidden_dim'" in message
+    assert "Valid keys" in message
+    for key in config_keys():
+        assert key in message
+
+
+def test_unknown_key_in_flags() -> None:
+    """A misspelt flag names the key, suggests the close match and lists valid keys."""
+    with pytest.raises(ConfigError) as err:
+        build_config(None, parse_overrides(["--learning_rat=0.1", "--bach_size=3"]))
+    message = str(err.value)
+    assert "'learning_rat'" in message
+    assert "command-line" in message
+    assert "Valid keys" in message
+    for key in config_keys():
+        assert key in message
+
+
+def test_unknown_key_suggestion_is_the_close_match() -> None:
+    """The suggestion is the nearest valid key."""
+    with pytest.raises(ConfigError, match="Did you mean 'batch_size'"):
+        build_config(None, parse_overrides(["--bach_size=3"]))
+
+
+def test_unknown_key_without_close_match() -> None:
+    """No suggestion is made when nothing is close, but the valid keys are still listed."""
+    with pytest.raises(ConfigError) as err:
+        build_config(None, {"zzzzzzzz": 1})
+    assert "Did you mean" not in str(err.value)
+    assert "Valid keys" in str(err.value)
+
+
+# -------------------------------------------------------------------------------------- derived values
+
+
+def test_validation_fraction_defaults_by_scheme() -> None:
+    """Standard holds out 10% of train; the report's seed scheme 30% of test."""
+    assert TrainConfig(split_scheme="standard").validation_fraction == pytest.approx(0.1)
+    assert TrainConfig(split_scheme="seed").validation_fraction == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("scheme", ["standard", "seed"])
+def test_explicit_valid_fraction_wins(scheme: str) -> None:
+    """An explicit valid_fraction overrides the scheme's default."""
+    cfg = build_config(None, {"split_scheme": scheme, "valid_fraction": 0.25})
+    assert cfg.validation_fraction == pytest.approx(0.25)
+
+
+def test_save_round_trip(tmp_path: Path) -> None:
+    """``save`` writes YAML that ``build_config`` reads back to an equal config."""
+    cfg = build_config(None, parse_overrides(["--hidden_dim=12", "--lr=3e-4", "--split_scheme=seed"]))
+    cfg.save(tmp_path / "saved.yaml")
+    assert build_config(tmp_path / "saved.yaml") == cfg
+
+
+# ------------------------------------------------------------------------------------- shipped configs
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path: Path) -> None:
+    """Every file in configs/ loads, and holds exactly the values it writes."""
+    cfg = build_config(path)
+    for key, value in yaml.safe_load(path.read_text()).items():
+        assert getattr(cfg, key) == value
+
+
+def test_shipped_configs_exist() -> None:
+    """The report's configs are shipped."""
+    assert {"lstm.yaml", "bilstm.yaml"} <= {p.name for p in CONFIGS.glob("*.yaml")}
+
+
+def test_lstm_config_matches_report() -> None:
+    """configs/lstm.yaml: hidden 75, 3 layers, dropout 0.5, batch 64, 8 epochs, lr 0.01, unidirectional."""
+    cfg = build_config(CONFIGS / "lstm.yaml")
+    assert cfg.hidden_dim == 75
+    assert cfg.n_layers == 3
+    assert cfg.dropout == 0.5
+    assert cfg.batch_size == 64
+    assert cfg.epochs == 8
+    assert cfg.lr == pytest.approx(0.01)
+    assert cfg.bidirectional is False
+
+
+def test_bilstm_config_matches_report() -> None:
+    """configs/bilstm.yaml: hidden 150, 2 layers, dropout 0.5, batch 128, 8 epochs, lr 0.005, BiLSTM."""
+    cfg = build_config(CONFIGS / "bilstm.yaml")
+    assert cfg.hidden_dim == 150
+    assert cfg.n_layers == 2
+    assert cfg.dropout == 0.5
+    assert cfg.batch_size == 128
+    assert cfg.epochs == 8
+    assert cfg.lr == pytest.approx(0.005)
+    assert cfg.bidirectional is True

@@ -1,0 +1,342 @@
+"""Tests for sentiment.data: loading IMDB (hub layout, aclImdb), validation errors, and splitting."""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import datasets
+import huggingface_hub.constants
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import make_split
+from datasets import ClassLabel, Dataset, DatasetDict
+
+import sentiment.data
+from sentiment.data import FEATURES, DataError, load_imdb, split_imdb
+
+
+def write_hub(root: Path, tables: dict[str, pa.Table]) -> Path:
+    """Write ``tables`` in the hub's layout (plain_text/<split>-00000-of-00001.parquet) under ``root``."""
+    (root / "plain_text").mkdir(parents=True)
+    for split, table in tables.items():
+        pq.write_table(table, root / "plain_text" / f"{split}-00000-of-00001.parquet")
+    return root
+
+
+def review_table(n: int, seed: int, labels: list[int] | None = None) -> pa.Table:
+    """A table of ``n`` fixture reviews with the given (or balanced, sorted) labels."""
+    texts, balanced = make_split(n, seed)
+    return pa.table({"text": texts, "label": pa.array(labels or balanced, pa.int64())})
+
+
+def in_memory(n_train: int, n_test: int, positive: float = 0.5) -> DatasetDict:
+    """A DatasetDict with unique texts ``train-i`` / ``test-i``; labels sorted neg-then-pos like IMDB."""
+
+    def split(name: str, n: int) -> Dataset:
+        n_pos = round(n * positive)
+        labels = [0] * (n - n_pos) + [1] * n_pos
+        return Dataset.from_dict({"text": [f"{name}-{i}" for i in range(n)], "label": labels}, features=FEATURES)
+
+    return DatasetDict(train=split("train", n_train), test=split("test", n_test))
+
+
+def positive_fraction(ds: Dataset) -> float:
+    """The share of label 1 in ``ds``."""
+    labels = ds["label"]
+    return sum(labels) / len(labels)
+
+
+@pytest.fixture(scope="session")
+def hub_raw(hub_imdb: Path) -> DatasetDict:
+    """The hub-layout fixture loaded once."""
+    return load_imdb(str(hub_imdb))
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def check_split(ds: Dataset, texts: list[str], labels: list[int]) -> None:
+    """``ds`` has columns text/label, ClassLabel neg/pos, and exactly the given rows."""
+    assert ds.column_names == ["text", "label"]
+    assert isinstance(ds.features["label"], ClassLabel)
+    assert ds.features["label"].names == ["neg", "pos"]
+    assert len(ds) == len(texts)
+    assert Counter(zip(ds["text"], ds["label"], strict=True)) == Counter(zip(texts, labels, strict=True))
+
+
+def test_load_hub_layout(hub_raw: DatasetDict) -> None:
+    """The hub-layout folder loads into train/test with the fixture's reviews and ClassLabel labels."""
+    check_split(hub_raw["train"], *make_split(80, 1))
+    check_split(hub_raw["test"], *make_split(60, 2))
+
+
+def test_load_hub_layout_keeps_unsupervised(hub_raw: DatasetDict) -> None:
+    """The hub-layout fixture's unsupervised parquet file is loaded as the ``unsupervised`` split."""
+    assert "unsupervised" in hub_raw, f"unsupervised split dropped; got {list(hub_raw)}"
+    assert len(hub_raw["unsupervised"]) == 20
+    assert hub_raw["unsupervised"]["text"] == make_split(20, 3)[0]
+
+
+def test_load_aclimdb(aclimdb: Path, tmp_path: Path) -> None:
+    """The aclImdb folder loads into train/test/unsupervised with neg/pos from the folder names."""
+    raw = load_imdb(str(aclimdb), cache_dir=str(tmp_path))
+    assert set(raw) == {"train", "test", "unsupervised"}
+    check_split(raw["train"], *make_split(40, 4))
+    check_split(raw["test"], *make_split(30, 5))
+    assert len(raw["unsupervised"]) == 6
+    assert sorted(raw["unsupervised"]["text"]) == sorted(make_split(6, 6)[0])
+    assert raw["unsupervised"].column_names == ["text", "label"]
+
+
+def test_load_aclimdb_labels_follow_folders(aclimdb: Path, tmp_path: Path) -> None:
+    """Every review from pos/ has label 1 and every one from neg/ label 0."""
+    raw = load_imdb(str(aclimdb), cache_dir=str(tmp_path))
+    by_text = dict(zip(raw["train"]["text"], raw["train"]["label"], strict=True))
+    for name, label in (("neg", 0), ("pos", 1)):
+        for path in (aclimdb / "train" / name).glob("*.txt"):
+            assert by_text[path.read_text(encoding="utf-8")] == label
+
+
+def test_aclimdb_second_load_reuses_parquet_cache(
+    aclimdb: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first load reads every review into parquet; a second load reads no review file again."""
+    reads: list[Path] = []
+    real_read = sentiment.data._read_review
+
+    def counting_read(path: Path) -> str:
+        reads.append(path)
+        return real_read(path)
+
+    monkeypatch.setattr(sentiment.data, "_read_review", counting_read)
+    first = load_imdb(str(aclimdb), cache_dir=str(tmp_path))
+    assert len(reads) == 40 + 30 + 6
+    parquet = sorted((tmp_path / "aclimdb_parquet").rglob("*.parquet"))
+    assert [p.name for p in parquet] == ["test.parquet", "train.parquet", "unsupervised.parquet"]
+    stamps = [p.stat().st_mtime_ns for p in parquet]
+
+    def no_read(path: Path) -> str:
+        raise AssertionError(f"review {path} read again despite the cache")
+
+    monkeypatch.setattr(sentiment.data, "_read_review", no_read)
+    second = load_imdb(str(aclimdb), cache_dir=str(tmp_path))
+    assert [p.stat().st_mtime_ns for p in parquet] == stamps
+    assert second["train"]["text"] == first["train"]["text"]
+    assert second["test"]["label"] == first["test"]["label"]
+
+
+def test_aclimdb_cache_sees_changed_files(aclimdb: Path, tmp_path: Path) -> None:
+    """Editing a review invalidates the parquet cache: the new text is loaded."""
+    root = tmp_path / "aclImdb"
+    shutil.copytree(aclimdb, root)
+    cache = str(tmp_path / "cache")
+    load_imdb(str(root), cache_dir=cache)
+    target = root / "test" / "pos" / "29_8.txt"
+    target.write_text("An edited review that is much longer than before, and wonderful.", encoding="utf-8")
+    raw = load_imdb(str(root), cache_dir=cache)
+    assert target.read_text(encoding="utf-8") in raw["test"]["text"]
+
+
+# ----------------------------------------------------------------------------------------- load errors
+
+
+def test_missing_folder(tmp_path: Path) -> None:
+    """A path that does not exist is a DataError saying so."""
+    with pytest.raises(DataError, match="does not exist"):
+        load_imdb(str(tmp_path / "no_such_imdb"))
+
+
+def test_empty_folder(tmp_path: Path) -> None:
+    """An empty folder is a DataError saying it is empty."""
+    (tmp_path / "imdb").mkdir()
+    with pytest.raises(DataError, match="empty"):
+        load_imdb(str(tmp_path / "imdb"))
+
+
+def test_file_instead_of_folder(tmp_path: Path) -> None:
+    """A file path is a DataError asking for the folder."""
+    path = tmp_path / "train.parquet"
+    pq.write_table(review_table(4, 0), path)
+    with pytest.raises(DataError, match="is a file"):
+        load_imdb(str(path))
+
+
+def test_label_outside_0_1(tmp_path: Path) -> None:
+    """A label 2 is a DataError that counts the bad labels and shows the value."""
+    labels = [0, 1, 2, 0, 1, 1]
+    root = write_hub(tmp_path / "imdb", {"train": review_table(6, 0, labels), "test": review_table(4, 1)})
+    with pytest.raises(DataError, match=r"outside \{0, 1\}") as err:
+        load_imdb(str(root))
+    assert "'train'" in str(err.value)
+    assert "[2]" in str(err.value)
+
+
+def test_missing_text_column(tmp_path: Path) -> None:
+    """Splits without a 'text' column are a DataError naming the needed column and the ones found."""
+    tables = {
+        split: review_table(4, seed).rename_columns(["review", "label"]) for split, seed in [("train", 0), ("test", 1)]
+    }
+    root = write_hub(tmp_path / "imdb", tables)
+    with pytest.raises(DataError, match="'text' column") as err:
+        load_imdb(str(root))
+    assert "review" in str(err.value)
+
+
+def test_missing_test_split(tmp_path: Path) -> None:
+    """A folder with only a train split is a DataError naming the missing test split."""
+    root = write_hub(tmp_path / "imdb", {"train": review_table(4, 0)})
+    with pytest.raises(DataError, match="no test split"):
+        load_imdb(str(root))
+
+
+@pytest.mark.parametrize("empty", ["", "   \n\t"])
+def test_empty_review(tmp_path: Path, empty: str) -> None:
+    """An empty (or whitespace-only) review is a DataError giving the row."""
+    table = review_table(4, 1)
+    texts = table.column("text").to_pylist()
+    texts[2] = empty
+    table = table.set_column(0, "text", pa.array(texts))
+    root = write_hub(tmp_path / "imdb", {"train": review_table(4, 0), "test": table})
+    with pytest.raises(DataError, match="empty review") as err:
+        load_imdb(str(root))
+    assert "'test'" in str(err.value)
+    assert "[2]" in str(err.value)
+
+
+def test_aclimdb_invalid_utf8(aclimdb: Path, tmp_path: Path) -> None:
+    """A review file with invalid UTF-8 bytes is a DataError naming that file."""
+    root = tmp_path / "aclImdb"
+    shutil.copytree(aclimdb, root)
+    bad = root / "train" / "neg" / "3_2.txt"
+    bad.write_bytes(b"A bad \xff\xfe review")
+    with pytest.raises(DataError, match="UTF-8") as err:
+        load_imdb(str(root), cache_dir=str(tmp_path / "cache"))
+    assert str(bad) in str(err.value)
+
+
+def test_aclimdb_missing_test_folder(aclimdb: Path, tmp_path: Path) -> None:
+    """An aclImdb folder lacking test/pos is a DataError naming the missing folder."""
+    root = tmp_path / "aclImdb"
+    shutil.copytree(aclimdb, root)
+    shutil.rmtree(root / "test" / "pos")
+    with pytest.raises(DataError, match="test/pos"):
+        load_imdb(str(root), cache_dir=str(tmp_path / "cache"))
+
+
+def test_hub_id_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A hub id while offline is a DataError pointing at a local copy, caused by offline mode."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # datasets and huggingface_hub read the flags at import time.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError) as err:
+        load_imdb("nobody-here/imdb-missing", cache_dir=str(tmp_path))
+    message = str(err.value)
+    assert "nobody-here/imdb-missing" in message
+    assert "local copy" in message
+    assert "offline" in str(err.value.__cause__).lower()
+
+
+# ------------------------------------------------------------------------------------------ split_imdb
+
+
+def test_standard_split_sizes(hub_raw: DatasetDict) -> None:
+    """Standard: validation is 10% of train, train the other 90%, test the full test set."""
+    splits = split_imdb(hub_raw, "standard", valid_fraction=0.1, seed=0)
+    n_train = len(hub_raw["train"])
+    assert len(splits["validation"]) == round(0.1 * n_train)
+    assert len(splits["train"]) == n_train - round(0.1 * n_train)
+    assert sorted(splits["test"]["text"]) == sorted(hub_raw["test"]["text"])
+
+
+def test_standard_split_partitions_train(hub_raw: DatasetDict) -> None:
+    """Train and validation do not overlap and together are the original train split."""
+    splits = split_imdb(hub_raw, "standard", valid_fraction=0.1, seed=3)
+    train, valid = splits["train"]["text"], splits["validation"]["text"]
+    assert not set(train) & set(valid)
+    assert Counter(train) + Counter(valid) == Counter(hub_raw["train"]["text"])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+def test_standard_split_is_stratified(seed: int) -> None:
+    """With 30% positives, train and validation both keep 30% (exactly, for every seed)."""
+    raw = in_memory(400, 50, positive=0.3)
+    splits = split_imdb(raw, "standard", valid_fraction=0.1, seed=seed)
+    assert positive_fraction(splits["validation"]) == pytest.approx(0.3)
+    assert positive_fraction(splits["train"]) == pytest.approx(0.3)
+
+
+def test_hub_split_is_balanced(hub_raw: DatasetDict) -> None:
+    """On the balanced fixture, train and validation are both about half positive."""
+    splits = split_imdb(hub_raw, "standard", valid_fraction=0.1, seed=42)
+    assert positive_fraction(splits["train"]) == pytest.approx(0.5, abs=0.05)
+    assert positive_fraction(splits["validation"]) == pytest.approx(0.5, abs=0.05)
+
+
+@pytest.mark.parametrize("scheme", ["standard", "seed"])
+def test_split_is_seeded(hub_raw: DatasetDict, scheme: str) -> None:
+    """The same seed gives the same splits; another seed gives a different validation set."""
+    a = split_imdb(hub_raw, scheme, valid_fraction=0.3, seed=7)
+    b = split_imdb(hub_raw, scheme, valid_fraction=0.3, seed=7)
+    c = split_imdb(hub_raw, scheme, valid_fraction=0.3, seed=8)
+    for name in ("train", "validation", "test"):
+        assert a[name]["text"] == b[name]["text"]
+        assert a[name]["label"] == b[name]["label"]
+    assert set(a["validation"]["text"]) != set(c["validation"]["text"])
+
+
+def test_seed_scheme(hub_raw: DatasetDict) -> None:
+    """Seed scheme: train is the full train set; test is divided 70/30 into test and validation."""
+    splits = split_imdb(hub_raw, "seed", valid_fraction=0.3, seed=42)
+    assert Counter(splits["train"]["text"]) == Counter(hub_raw["train"]["text"])
+    n_test = len(hub_raw["test"])
+    assert len(splits["validation"]) == round(0.3 * n_test)
+    assert len(splits["test"]) == n_test - round(0.3 * n_test)
+    test, valid = splits["test"]["text"], splits["validation"]["text"]
+    assert not set(test) & set(valid)
+    assert Counter(test) + Counter(valid) == Counter(hub_raw["test"]["text"])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_seed_scheme_is_stratified(seed: int) -> None:
+    """Seed scheme: with 40% positives in test, its test and validation parts both keep 40%."""
+    raw = in_memory(20, 300, positive=0.4)
+    splits = split_imdb(raw, "seed", valid_fraction=0.3, seed=seed)
+    assert len(splits["validation"]) == 90
+    assert positive_fraction(splits["validation"]) == pytest.approx(0.4)
+    assert positive_fraction(splits["test"]) == pytest.approx(0.4)
+    assert splits["train"]["text"] != raw["train"]["text"]  # shuffled, not IMDB's label-sorted order
+    assert sorted(splits["train"]["text"]) == sorted(raw["train"]["text"])
+
+
+@pytest.mark.parametrize("scheme", ["standard", "seed"])
+def test_max_samples_cut_sizes_and_keep_both_labels(hub_raw: DatasetDict, scheme: str) -> None:
+    """max_train_samples / max_eval_samples cut the splits; the cuts hold both labels (not a sorted head)."""
+    splits = split_imdb(hub_raw, scheme, valid_fraction=0.3, seed=42, max_train_samples=10, max_eval_samples=6)
+    assert len(splits["train"]) == 10
+    assert len(splits["validation"]) == 6
+    assert len(splits["test"]) == 6
+    for name in ("train", "test"):
+        assert set(splits[name]["label"]) == {0, 1}, name
+    full = split_imdb(hub_raw, scheme, valid_fraction=0.3, seed=42)
+    assert set(splits["train"]["text"]) <= set(full["train"]["text"])
+    assert set(splits["validation"]["text"]) <= set(full["validation"]["text"])
+    assert set(splits["test"]["text"]) <= set(full["test"]["text"])
+
+
+def test_max_samples_larger_than_split(hub_raw: DatasetDict) -> None:
+    """A cut larger than a split keeps the whole split."""
+    splits = split_imdb(hub_raw, "standard", seed=1, max_train_samples=10_000, max_eval_samples=10_000)
+    assert len(splits["train"]) + len(splits["validation"]) == len(hub_raw["train"])
+    assert len(splits["test"]) == len(hub_raw["test"])
+
+
+def test_unknown_scheme(hub_raw: DatasetDict) -> None:
+    """An unknown scheme is a DataError naming it."""
+    with pytest.raises(DataError, match="'random'"):
+        split_imdb(hub_raw, "random")

@@ -1,0 +1,116 @@
+"""LSTMClassifier: shapes, the packed and padded paths agree, save_pretrained / from_pretrained round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sentiment.model import CheckpointError, LSTMClassifier
+
+
+def padded_batch(vocab_size: int, lengths: list[int], pad_id: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ids right-padded with ``pad_id`` to the longest length."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, vocab_size, (len(lengths), max(lengths)), generator=generator)
+    for row, length in enumerate(lengths):
+        ids[row, length:] = pad_id
+    return ids, torch.tensor(lengths)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("n_layers", [1, 3])
+def test_packed_and_padded_paths_agree(bidirectional: bool, n_layers: int) -> None:
+    """The padded path (each review's state at its true last token, backward direction on a reversed copy)
+    computes the same logits and gradients as nn.LSTM on packed sequences."""
+    torch.manual_seed(0)
+    model = LSTMClassifier(50, 8, 12, n_layers, bidirectional, dropout=0.3).double().eval()
+    ids, lengths = padded_batch(50, [9, 1, 4, 9, 6, 2])
+    results = []
+    for rnn_input in ("packed", "padded"):
+        model.rnn_input = rnn_input
+        model.zero_grad()
+        logits = model(ids, lengths)
+        (logits**2).sum().backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((logits.detach(), grads))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-10, atol=1e-12)
+
+
+def test_padding_does_not_change_a_review() -> None:
+    """A review scores the same alone and in a batch with longer reviews (padding is ignored)."""
+    model = LSTMClassifier(40, 6, 5, 2, True, dropout=0.0).eval()
+    ids, lengths = padded_batch(40, [3, 11, 7])
+    for rnn_input in ("packed", "padded"):
+        model.rnn_input = rnn_input
+        together = model(ids, lengths)
+        alone = model(ids[:1, :3], lengths[:1])
+        torch.testing.assert_close(together[:1], alone)
+
+
+def test_output_shape_and_embedding_init() -> None:
+    """One logit per review; pretrained vectors are copied in; frozen embeddings get no gradient."""
+    model = LSTMClassifier(30, 4, 7, bidirectional=True, freeze_embeddings=True)
+    vectors = torch.randn(30, 4)
+    model.load_embeddings(vectors)
+    assert torch.equal(model.embedding.weight, vectors)
+    ids, lengths = padded_batch(30, [5, 2])
+    logits = model(ids, lengths)
+    assert logits.shape == (2,)
+    logits.sum().backward()
+    assert model.embedding.weight.grad is None
+    assert model.lstm.weight_ih_l0.grad is not None
+    with pytest.raises(ValueError, match="shape"):
+        model.load_embeddings(torch.zeros(29, 4))
+
+
+def test_rejects_unknown_rnn_input() -> None:
+    with pytest.raises(ValueError, match="rnn_input"):
+        LSTMClassifier(10, rnn_input="fused")
+
+
+def test_save_and_load_give_identical_logits(tmp_path: Path) -> None:
+    """save_pretrained writes model.safetensors + config.json; from_pretrained rebuilds the same model."""
+    model = LSTMClassifier(60, 6, 9, 2, True, dropout=0.2, lowercase=True, max_length=50).eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    assert (tmp_path / "config.json").is_file()
+    loaded = LSTMClassifier.from_pretrained(tmp_path).eval()
+    assert loaded.lowercase is True and loaded.max_length == 50
+    assert loaded.lstm.bidirectional and loaded.lstm.num_layers == 2
+    ids, lengths = padded_batch(60, [7, 3, 5])
+    assert torch.equal(model(ids, lengths), loaded(ids, lengths))
+
+
+def test_save_with_cudnn_style_shared_weights(tmp_path: Path) -> None:
+    """On GPU cuDNN makes the LSTM weights views of one flat buffer; saving must still write every weight."""
+    model = LSTMClassifier(20, 4, 3, 2, True).eval()
+    params = [p for _, p in model.lstm.named_parameters()]
+    flat = torch.cat([p.detach().flatten() for p in params])
+    offset = 0
+    for param in params:
+        param.data = flat[offset : offset + param.numel()].view_as(param)
+        offset += param.numel()
+    model.save_pretrained(tmp_path)
+    loaded = LSTMClassifier.from_pretrained(tmp_path).eval()
+    for (name, original), (_, reloaded) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(original, reloaded), name
+
+
+def test_truncated_checkpoint_gives_clear_error(tmp_path: Path) -> None:
+    LSTMClassifier(10, 4, 3).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:64])
+    with pytest.raises(CheckpointError, match=r"could not load .*runs/NAME/best"):
+        LSTMClassifier.from_pretrained(tmp_path)
+
+
+def test_mismatched_checkpoint_gives_clear_error(tmp_path: Path) -> None:
+    """Weights of another shape than config.json describes."""
+    LSTMClassifier(10, 4, 3).save_pretrained(tmp_path)
+    LSTMClassifier(10, 4, 5).save_pretrained(tmp_path / "other")
+    (tmp_path / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match=r"size mismatch|shape"):
+        LSTMClassifier.from_pretrained(tmp_path)

@@ -1,0 +1,206 @@
+"""End to end on CPU: real spaCy, tokenizers, GloVe, Accelerate training steps, files written and read back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from conftest import REAL_IMDB
+from tokenizers import Tokenizer
+
+from sentiment.config import ConfigError, TrainConfig, build_config
+from sentiment.data import load_imdb, split_imdb
+from sentiment.model import LSTMClassifier
+from sentiment.prepare import PreparedData, PreparedDataError, prepare_data
+from sentiment.text import PAD_ID, encode_tokens, pretokenize
+from sentiment.training import train
+
+
+def tiny_config(dataset: Path, output_dir: Path, **overrides: object) -> TrainConfig:
+    """A config that trains in seconds on the fixtures."""
+    values = {
+        "dataset": str(dataset),
+        "output_dir": str(output_dir),
+        "epochs": 3,
+        "batch_size": 8,
+        "eval_batch_size": 16,
+        "hidden_dim": 16,
+        "n_layers": 1,
+        "dropout": 0.1,
+        "bidirectional": True,
+        "lr": 0.01,
+        "report_to": "none",
+        "num_proc": 1,
+    }
+    values.update(overrides)
+    return build_config(None, values)
+
+
+@pytest.fixture(scope="module")
+def trained_run(hub_imdb: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainConfig, Path, dict]:
+    """One real training run on the hub-layout fixture, shared by the tests below."""
+    output_dir = tmp_path_factory.mktemp("runs") / "bilstm"
+    cfg = tiny_config(hub_imdb, output_dir)
+    return cfg, output_dir, train(cfg)
+
+
+def test_run_folder_holds_everything(trained_run: tuple[TrainConfig, Path, dict]) -> None:
+    """config.yaml, best/ (weights, config.json, tokenizer.json), state/, metrics.json, curves.png."""
+    cfg, output_dir, metrics = trained_run
+    for name in (
+        "config.yaml",
+        "metrics.json",
+        "curves.png",
+        "best/model.safetensors",
+        "best/config.json",
+        "best/tokenizer.json",
+        "state/model.safetensors",
+        "state/optimizer.bin",
+        "state/trainer_state.json",
+    ):
+        assert (output_dir / name).is_file(), name
+    assert not list(output_dir.glob(".*tmp*")), "temporary folders left behind"
+    resolved = yaml.safe_load((output_dir / "config.yaml").read_text())
+    assert resolved["hidden_dim"] == cfg.hidden_dim
+    assert resolved["embedding_dim"] == 50  # follows the packaged GloVe vectors
+    on_disk = json.loads((output_dir / "metrics.json").read_text())
+    assert on_disk["test_acc"] == metrics["test_acc"]
+    assert [h["epoch"] for h in on_disk["history"]] == [1, 2, 3]
+    assert on_disk["sizes"] == {"train": 72, "validation": 8, "test": 60}
+    assert (output_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_learns(trained_run: tuple[TrainConfig, Path, dict]) -> None:
+    """Training loss falls and the fixture's sentiment words are learnt."""
+    _, _, metrics = trained_run
+    history = metrics["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert metrics["test_acc"] > 0.7
+
+
+def test_checkpoint_reproduces_test_accuracy(trained_run: tuple[TrainConfig, Path, dict], hub_imdb: Path) -> None:
+    """Reload best/ with from_pretrained and tokenizer.json, redo the preprocessing from the raw test texts, and
+    get the trainer's test loss and accuracy."""
+    cfg, output_dir, metrics = trained_run
+    model = LSTMClassifier.from_pretrained(output_dir / "best").eval()
+    tokenizer = Tokenizer.from_file(str(output_dir / "best" / "tokenizer.json"))
+    test = split_imdb(load_imdb(str(hub_imdb)), valid_fraction=cfg.validation_fraction, seed=cfg.split_seed)["test"]
+    ids = encode_tokens(tokenizer, pretokenize(test["text"]))
+    lengths = torch.tensor([len(x) for x in ids])
+    batch = torch.full((len(ids), int(lengths.max())), PAD_ID)
+    for row, row_ids in enumerate(ids):
+        batch[row, : len(row_ids)] = torch.tensor(row_ids)
+    labels = torch.tensor(test["label"], dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(batch, lengths)
+    accuracy = ((logits > 0).float() == labels).sum().item() / len(labels)
+    assert accuracy == pytest.approx(metrics["test_acc"], abs=1e-9)
+    assert F.binary_cross_entropy_with_logits(logits, labels).item() == pytest.approx(metrics["test_loss"], rel=1e-4)
+
+
+def test_same_seed_same_figures(trained_run: tuple[TrainConfig, Path, dict], hub_imdb: Path, tmp_path: Path) -> None:
+    """A second run with the same config reproduces the figures; --resume continues an interrupted run to
+    exactly the uninterrupted run's figures."""
+    _, _, metrics = trained_run
+    interrupted = tiny_config(hub_imdb, tmp_path / "resumed", epochs=2)
+    first = train(interrupted)
+    assert len(first["history"]) == 2
+    state = json.loads((tmp_path / "resumed" / "state" / "trainer_state.json").read_text())
+    assert state["epoch"] == 2
+    resumed = train(tiny_config(hub_imdb, tmp_path / "resumed", epochs=3, resume=True))
+    for key in ("train_loss", "train_acc", "valid_loss", "valid_acc"):
+        assert [h[key] for h in resumed["history"]] == pytest.approx([h[key] for h in metrics["history"]], abs=1e-6)
+    assert resumed["test_acc"] == pytest.approx(metrics["test_acc"], abs=1e-9)
+
+
+def test_refuses_to_overwrite_a_run(trained_run: tuple[TrainConfig, Path, dict], hub_imdb: Path) -> None:
+    _, output_dir, _ = trained_run
+    with pytest.raises(ConfigError, match=r"already holds a run.*--resume.*--overwrite"):
+        train(tiny_config(hub_imdb, output_dir))
+
+
+def test_resume_without_state_is_an_error(hub_imdb: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no saved state"):
+        train(tiny_config(hub_imdb, tmp_path / "fresh", resume=True))
+
+
+def test_overwrite_replaces_a_run(hub_imdb: Path, tmp_path: Path) -> None:
+    output_dir = tmp_path / "run"
+    train(tiny_config(hub_imdb, output_dir, epochs=1))
+    (output_dir / "stale.txt").write_text("from the old run")
+    metrics = train(tiny_config(hub_imdb, output_dir, epochs=1, overwrite=True, hidden_dim=8))
+    assert not (output_dir / "stale.txt").exists()
+    assert len(metrics["history"]) == 1
+    assert yaml.safe_load((output_dir / "config.yaml").read_text())["hidden_dim"] == 8
+
+
+def test_prepared_folder_trains_like_raw_data(hub_imdb: Path, tmp_path: Path) -> None:
+    """Training from a `prepare`d folder gives the same figures as training from the raw dataset, and the
+    resolved config records the data settings the folder was made with."""
+    prepare_cfg = tiny_config(hub_imdb, tmp_path / "prepared", lowercase=True, epochs=2)
+    prepare_data(prepare_cfg).save(tmp_path / "prepared")
+    from_raw = train(tiny_config(hub_imdb, tmp_path / "raw", lowercase=True, epochs=2))
+    from_prepared = train(
+        tiny_config("/nonexistent", tmp_path / "from-prepared", prepared=str(tmp_path / "prepared"), epochs=2)
+    )
+    assert from_prepared["test_acc"] == from_raw["test_acc"]
+    assert [h["train_loss"] for h in from_prepared["history"]] == pytest.approx(
+        [h["train_loss"] for h in from_raw["history"]], abs=1e-6
+    )
+    resolved = yaml.safe_load((tmp_path / "from-prepared" / "config.yaml").read_text())
+    assert resolved["lowercase"] is True
+    assert resolved["dataset"] == str(hub_imdb)
+
+
+def test_missing_prepared_folder_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(PreparedDataError, match="sentiment prepare"):
+        PreparedData.load(tmp_path)
+
+
+def test_wandb_offline_run_is_written(hub_imdb: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """report_to: wandb without a login writes an offline run that `wandb sync` can upload."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    train(tiny_config(hub_imdb, tmp_path / "tracked", epochs=1, report_to="wandb", run_name="tracked"))
+    runs = list((tmp_path / "tracked" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    run_id = json.loads((tmp_path / "tracked" / "state" / "trainer_state.json").read_text())["wandb_run_id"]
+    assert runs[0].name.endswith(run_id)
+    record = (runs[0] / f"run-{run_id}.wandb").read_bytes()
+    for key in (b"hidden_dim", b"valid_acc", b"train_loss", b"test_acc"):  # config and logged metrics
+        assert key in record, key
+
+
+@pytest.mark.integration
+def test_real_imdb_one_epoch(tmp_path: Path) -> None:
+    """One epoch on a few thousand real IMDB reviews (truncated to 200 tokens) learns something: accuracy well
+    above chance (0.5; on 1000 reviews chance stays within about +-0.05)."""
+    cfg = build_config(
+        None,
+        {
+            "dataset": str(REAL_IMDB),
+            "output_dir": str(tmp_path / "imdb"),
+            "max_train_samples": 5000,
+            "max_eval_samples": 1000,
+            "max_length": 200,
+            "lowercase": True,
+            "epochs": 1,
+            "batch_size": 16,
+            "hidden_dim": 64,
+            "bidirectional": True,
+            "lr": 0.003,
+            "report_to": "none",
+        },
+    )
+    metrics = train(cfg)
+    assert metrics["sizes"] == {"train": 5000, "validation": 1000, "test": 1000}
+    prepared = json.loads((tmp_path / "imdb" / "metrics.json").read_text())
+    assert prepared["test_acc"] == metrics["test_acc"]
+    assert metrics["valid_acc"] > 0.6
+    assert metrics["test_acc"] > 0.6
+    assert np.isfinite(metrics["test_loss"])
