@@ -276,7 +276,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     best_dir = _existing_dir(output_dir / "best")
     unwrapped = accelerator.unwrap_model(model)
-    unwrapped.load_state_dict(load_file(best_dir / "model.safetensors", device=str(device)))
+    unwrapped.load_state_dict(load_file(best_dir / "model.safetensors"))
     test = evaluate(unwrapped, test_loader, accelerator)
     best = state["history"][state["best_epoch"] - 1]
     metrics = {
