@@ -11,7 +11,7 @@ import functools
 import re
 from collections.abc import Iterator, Sequence
 
-from datasets import DatasetDict
+from datasets import Dataset, DatasetDict
 from datasets.fingerprint import Hasher
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
@@ -115,7 +115,7 @@ def build_tokenizer(
 
 
 def build_vocabulary(
-    train_split,
+    train_split: Dataset,
     max_vocab_size: int = 20000,
     min_freq: int = 1,
     lowercase: bool = False,

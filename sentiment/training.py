@@ -19,8 +19,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, set_seed
 from safetensors.torch import load_file
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from sentiment.batching import make_dataloader
@@ -104,7 +106,7 @@ def _wandb_logged_in() -> bool:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, accelerator: Accelerator) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator) -> dict[str, float]:
     """Loss and accuracy over every example of ``loader`` on all processes, each example counted once."""
     model.eval()
     stats = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
@@ -117,6 +119,42 @@ def evaluate(model: torch.nn.Module, loader, accelerator: Accelerator) -> dict[s
     stats = accelerator.reduce(stats, reduction="sum")
     count = stats[2].item()
     return {"loss": stats[0].item() / count, "acc": stats[1].item() / count, "count": int(count)}
+
+
+def train_epoch(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    accelerator: Accelerator,
+    epoch: int,
+    cfg: TrainConfig,
+) -> dict[str, float]:
+    """One pass over this process's batches of ``epoch``; loss and accuracy over all processes' examples.
+
+    Figures accumulate on the device (no host sync per step); the bar shows the loss every 50 steps.
+    """
+    model.train()
+    loader.batch_sampler.set_epoch(epoch)
+    device = accelerator.device
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not accelerator.is_main_process, leave=False)
+    for step, batch in enumerate(bar):
+        labels = batch["labels"].to(device, non_blocking=True)
+        logits = model(batch["input_ids"].to(device, non_blocking=True), batch["lengths"])
+        loss = F.binary_cross_entropy_with_logits(logits.float(), labels)
+        accelerator.backward(loss)
+        if cfg.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            totals[0] += loss.detach().double() * len(labels)
+            totals[1] += ((logits.detach() > 0).float() == labels).sum()
+            totals[2] += len(labels)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    totals = accelerator.reduce(totals, reduction="sum")
+    return {"loss": totals[0].item() / totals[2].item(), "acc": totals[1].item() / totals[2].item()}
 
 
 def plot_curves(history: list[dict[str, float]], path: Path) -> None:
@@ -215,44 +253,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         init_kwargs = _setup_wandb(cfg, output_dir, state["wandb_run_id"]) if accelerator.is_main_process else {}
         accelerator.init_trackers(cfg.project, config=resolved.to_dict(), init_kwargs={"wandb": init_kwargs})
 
-    device = accelerator.device
     for epoch in range(state["epoch"], cfg.epochs):
-        model.train()
-        train_loader.batch_sampler.set_epoch(epoch)
-        totals = torch.zeros(3, dtype=torch.float64, device=device)
         started = time.perf_counter()
-        bar = tqdm(
-            train_loader,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            disable=not accelerator.is_main_process,
-            leave=False,
-        )
-        for step, batch in enumerate(bar):
-            labels = batch["labels"].to(device, non_blocking=True)
-            logits = model(batch["input_ids"].to(device, non_blocking=True), batch["lengths"])
-            loss = F.binary_cross_entropy_with_logits(logits.float(), labels)
-            accelerator.backward(loss)
-            if cfg.max_grad_norm is not None:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                totals += torch.stack(
-                    [
-                        loss.detach().double() * len(labels),
-                        ((logits.detach() > 0).float() == labels).sum().double(),
-                        torch.tensor(len(labels), dtype=torch.float64, device=device),
-                    ]
-                )
-            if step % 50 == 0:
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-        totals = accelerator.reduce(totals, reduction="sum")
+        train_figures = train_epoch(model, optimizer, train_loader, accelerator, epoch, cfg)
         train_seconds = time.perf_counter() - started
         valid = evaluate(accelerator.unwrap_model(model), valid_loader, accelerator)
         record = {
             "epoch": epoch + 1,
-            "train_loss": totals[0].item() / totals[2].item(),
-            "train_acc": totals[1].item() / totals[2].item(),
+            "train_loss": train_figures["loss"],
+            "train_acc": train_figures["acc"],
             "valid_loss": valid["loss"],
             "valid_acc": valid["acc"],
             "epoch_seconds": train_seconds,
@@ -287,7 +296,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "valid_acc": best["valid_acc"],
         "test_loss": test["loss"],
         "test_acc": test["acc"],
-        "sizes": {"train": len(data.splits["train"]), "validation": valid["count"], "test": test["count"]},
+        "sizes": {
+            "train": len(data.splits["train"]),
+            "validation": len(data.splits["validation"]),
+            "test": test["count"],
+        },
         "epoch_seconds_mean": sum(h["epoch_seconds"] for h in state["history"]) / len(state["history"]),
         "num_processes": accelerator.num_processes,
         "history": state["history"],
@@ -305,6 +318,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             output_dir,
         )
     accelerator.end_training()
+    # Accelerate keeps its settings (mixed precision, ...) in a process-wide singleton; forget them so the next
+    # train() in this process (a notebook, a test, an in-process sweep) can choose its own. The distributed
+    # state of the process stays.
+    AcceleratorState._reset_state()
     return metrics
 
 

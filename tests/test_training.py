@@ -157,6 +157,14 @@ def test_prepared_folder_trains_like_raw_data(hub_imdb: Path, tmp_path: Path) ->
     assert resolved["dataset"] == str(hub_imdb)
 
 
+def test_clipping_and_bf16_autocast_train(hub_imdb: Path, tmp_path: Path) -> None:
+    """max_grad_norm and Accelerate's bf16 mixed precision run end to end on CPU with finite figures."""
+    metrics = train(tiny_config(hub_imdb, tmp_path / "bf16", epochs=2, max_grad_norm=0.5, mixed_precision="bf16"))
+    assert len(metrics["history"]) == 2
+    assert all(np.isfinite(h["train_loss"]) for h in metrics["history"])
+    assert metrics["history"][-1]["train_loss"] < metrics["history"][0]["train_loss"]
+
+
 def test_missing_prepared_folder_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(PreparedDataError, match="sentiment prepare"):
         PreparedData.load(tmp_path)
