@@ -12,6 +12,7 @@ import secrets
 import shutil
 import string
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,9 @@ def write_atomic(path: Path, text: str) -> None:
 
 def _default_run_name(cfg: TrainConfig) -> str:
     kind = "bilstm" if cfg.bidirectional else "lstm"
-    return f"{kind}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    name = f"{kind}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    run_id = os.environ.get("WANDB_RUN_ID")  # set by `wandb agent`: several agents may start in one second
+    return f"{name}-{run_id}" if run_id else name
 
 
 def _check_output_dir(cfg: TrainConfig, output_dir: Path) -> None:
@@ -180,11 +183,29 @@ def plot_curves(history: list[dict[str, float]], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Train ``cfg`` end to end and return the final metrics (also written to ``output_dir/metrics.json``)."""
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+def train(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None) -> dict[str, Any]:
+    """Train ``cfg`` end to end and return the final metrics (also written to ``output_dir/metrics.json``).
+
+    ``on_epoch_end(epoch, record)`` is called on every process after each epoch's validation (a sweep's pruner
+    reads ``record["valid_acc"]`` there); an exception it raises stops the run, after the trackers are closed.
+    """
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision, log_with="wandb" if cfg.report_to == "wandb" else None
     )
+    try:
+        return _train(accelerator, cfg, on_epoch_end)
+    finally:
+        accelerator.end_training()
+        # Accelerate keeps its settings (mixed precision, ...) in a process-wide singleton; forget them so the
+        # next train() in this process (a notebook, a test, a sweep worker) can choose its own. The distributed
+        # state of the process stays.
+        AcceleratorState._reset_state()
+
+
+def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallback | None) -> dict[str, Any]:
     names = [cfg.output_dir or str(Path("runs") / (cfg.run_name or _default_run_name(cfg)))]
     broadcast_object_list(names)
     output_dir = Path(names[0])
@@ -281,6 +302,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 _save_best(accelerator.unwrap_model(model), data, output_dir)
         state["epoch"] = epoch + 1
         _save_state(accelerator, state, output_dir)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, record)
 
     accelerator.wait_for_everyone()
     best_dir = _existing_dir(output_dir / "best")
@@ -307,6 +330,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     }
     accelerator.log({"test_loss": test["loss"], "test_acc": test["acc"], "best_valid_acc": best["valid_acc"]})
     if accelerator.is_main_process:
+        if cfg.report_to == "wandb":
+            # The run's summary (what a W&B sweep ranks runs by) holds the selected epoch's figures, not the last's.
+            summary = {key: metrics[key] for key in ("train_loss", "train_acc", "valid_loss", "valid_acc")}
+            accelerator.get_tracker("wandb", unwrap=True).summary.update(
+                {**summary, "best_epoch": state["best_epoch"], "test_loss": test["loss"], "test_acc": test["acc"]}
+            )
         write_atomic(output_dir / "metrics.json", json.dumps(metrics, indent=2))
         plot_curves(state["history"], output_dir / "curves.png")
         logger.info(
@@ -317,11 +346,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             test["acc"],
             output_dir,
         )
-    accelerator.end_training()
-    # Accelerate keeps its settings (mixed precision, ...) in a process-wide singleton; forget them so the next
-    # train() in this process (a notebook, a test, an in-process sweep) can choose its own. The distributed
-    # state of the process stays.
-    AcceleratorState._reset_state()
     return metrics
 
 
