@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from sentiment.config import build_config
-from sentiment.sweep import SweepError, _suggest, agent_command, load_sweep, run_sweep
+from sentiment.sweep import SweepError, _sampler, _suggest, agent_command, load_sweep, run_sweep
 from sentiment.sweep_report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -736,3 +736,29 @@ def test_cli_report_on_a_folder_without_a_sweep_exits_2(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "is not a sweep folder" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_bayes_sweep_logs_each_trial_as_a_wandb_run_in_the_sweep_group(
+    hub_imdb: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """method: bayes runs through TPE; each trial writes its own offline wandb run, grouped under the sweep."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    spec = base_spec(name="bayes-group", method="bayes", parameters={"lr": {"min": 0.003, "max": 0.03}})
+    sweep_dir = sweep(
+        write_spec(tmp_path / "bayes.yaml", spec),
+        tmp_path / "bayes",
+        count=2,
+        extra_args=[*trainer_args(hub_imdb, "--epochs=1", "--hidden_dim=4"), "--report_to=wandb"],
+    )
+    assert isinstance(_sampler(load_sweep(tmp_path / "bayes.yaml"), 0), optuna.samplers.TPESampler)
+    study = load_study(sweep_dir)
+    trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(trials) == 2
+    assert all(0.003 <= t.params["lr"] <= 0.03 for t in trials)
+    assert "WANDB_RUN_GROUP" not in os.environ or os.environ["WANDB_RUN_GROUP"] != "bayes-group"
+    for trial in trials:
+        runs = list((Path(trial.user_attrs["run_dir"]) / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1, runs
+        record = next(runs[0].glob("*.wandb")).read_bytes()
+        assert b"bayes-group" in record  # the run's group
+        assert f"bayes-group-{trial.number:04d}".encode() in record  # the run's name
