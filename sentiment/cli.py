@@ -10,7 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
-from sentiment.config import ConfigError, TrainConfig, build_config, config_keys, parse_overrides
+from sentiment.config import ConfigError, TrainConfig, build_config, config_keys, parse_command_line
 
 USAGE = """usage: sentiment COMMAND [--config FILE] [--key=value ...]
 
@@ -27,20 +27,7 @@ config keys: {keys}
 
 
 def _config_from_args(args: list[str]) -> TrainConfig:
-    config_path = None
-    rest: list[str] = []
-    i = 0
-    while i < len(args):
-        if args[i] == "--config" and i + 1 < len(args):
-            config_path = args[i + 1]
-            i += 2
-            continue
-        if args[i].startswith("--config="):
-            config_path = args[i].split("=", 1)[1]
-        else:
-            rest.append(args[i])
-        i += 1
-    return build_config(config_path, parse_overrides(rest))
+    return build_config(*parse_command_line(args))
 
 
 def _setup_logging() -> None:

@@ -259,3 +259,21 @@ def build_config(config_path: str | Path | None = None, overrides: dict[str, Any
     hints = typing.get_type_hints(TrainConfig)
     coerced = {key: _coerce(key, value, hints[key]) for key, value in values.items()}
     return TrainConfig(**coerced)
+
+
+def parse_command_line(arguments: list[str]) -> tuple[str | None, dict[str, Any]]:
+    """``--config FILE`` (or ``--config=FILE``) and the ``--key=value`` overrides of a trainer command line."""
+    config_path = None
+    rest: list[str] = []
+    i = 0
+    while i < len(arguments):
+        if arguments[i] == "--config" and i + 1 < len(arguments):
+            config_path = arguments[i + 1]
+            i += 2
+            continue
+        if arguments[i].startswith("--config="):
+            config_path = arguments[i].split("=", 1)[1]
+        else:
+            rest.append(arguments[i])
+        i += 1
+    return config_path, parse_overrides(rest)

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from sentiment.config import ConfigError, TrainConfig, build_config, config_keys, parse_overrides
+from sentiment.config import ConfigError, TrainConfig, build_config, config_keys, parse_command_line
 from sentiment.sweep_report import write_report
 
 logger = logging.getLogger(__name__)
@@ -407,7 +407,7 @@ def run_worker(
         level=logging.INFO, format=f"%(asctime)s worker {worker} %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
     spec = load_sweep(sweep_file)
-    base_config, overrides = split_arguments(spec.base_arguments() + list(extra_args))
+    base_config, overrides = parse_command_line(spec.base_arguments() + list(extra_args))
     if spec.metric.startswith("test"):
         logger.warning("the sweep selects on %s: that leaks the test set into model selection", spec.metric)
     os.environ["WANDB_RUN_GROUP"] = spec.name  # each trial's wandb run joins the sweep's group
@@ -449,24 +449,6 @@ def target_trials(spec: SweepSpec, count: int | None) -> int:
     return min(limits)
 
 
-def split_arguments(arguments: list[str]) -> tuple[str | None, dict[str, Any]]:
-    """``--config FILE`` and the ``--key=value`` overrides of a trainer command line."""
-    config_path = None
-    rest: list[str] = []
-    i = 0
-    while i < len(arguments):
-        if arguments[i] == "--config" and i + 1 < len(arguments):
-            config_path = arguments[i + 1]
-            i += 2
-            continue
-        if arguments[i].startswith("--config="):
-            config_path = arguments[i].split("=", 1)[1]
-        else:
-            rest.append(arguments[i])
-        i += 1
-    return config_path, parse_overrides(rest)
-
-
 def run_sweep(
     sweep_file: str | Path,
     count: int | None = None,
@@ -487,7 +469,7 @@ def run_sweep(
     storage = storage or default_storage(sweep_path)
     extra_args = list(extra_args or [])
     # Check the trainer arguments and create the study once, before any worker starts.
-    base_config, overrides = split_arguments(spec.base_arguments() + extra_args)
+    base_config, overrides = parse_command_line(spec.base_arguments() + extra_args)
     build_config(base_config, overrides)
     _open_study(spec, storage, seed)
     total = target_trials(spec, count)
