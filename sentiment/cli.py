@@ -21,6 +21,11 @@ commands:
   sweep     SWEEP.yaml [--count N] [--workers N] [--gpus N] [--storage URL] [--sweep_dir DIR] [--sampler_seed N]
             [--key=value ...]: run (or continue) a W&B sweep file offline with Optuna
   report    SWEEP_DIR [--storage URL]: regenerate a sweep's table (CSV, Markdown) and plots
+  predict   --model PATH_OR_ID ["text" ...] [--input F.txt|.jsonl|.csv --output F.jsonl|.csv] [--batch_size N]
+            [--device D]: label and probability per review
+  evaluate  --model PATH_OR_ID [--split test|validation|train] [--output F.json] [data keys: --dataset,
+            --split_scheme, --split_seed, --valid_fraction, --max_eval_samples ...]: loss, accuracy, precision,
+            recall, F1 and confusion matrix on a labelled split
 
 config keys: {keys}
 """
@@ -112,10 +117,84 @@ def report_main(args: list[str]) -> int:
     return 0
 
 
+PREDICT_OPTIONS = {"model": str, "input": str, "output": str, "batch_size": int, "device": str}
+
+
+def predict_main(args: list[str]) -> int:
+    """``sentiment predict``: score texts given on the command line or in a file."""
+    from sentiment.predict import SentimentClassifier, read_texts, write_predictions
+
+    options, texts = _take_options(args, PREDICT_OPTIONS)
+    if "model" not in options:
+        raise ConfigError("sentiment predict needs --model PATH_OR_HUB_ID (a checkpoint such as runs/NAME/best)")
+    if options.get("input"):
+        if texts:
+            raise ConfigError("give reviews either as arguments or with --input FILE, not both")
+        texts = read_texts(str(options["input"]))
+    elif not texts:
+        raise ConfigError('nothing to score: pass reviews as arguments ("A great film.") or --input FILE')
+    classifier = SentimentClassifier.from_pretrained(str(options["model"]), device=options.get("device"))
+    if "batch_size" in options:
+        classifier.batch_size = int(options["batch_size"])  # type: ignore[arg-type]
+    predictions = classifier(texts, progress=bool(options.get("input")))
+    if options.get("output"):
+        path = write_predictions(str(options["output"]), texts, predictions)
+        logging.getLogger("sentiment").info("%d predictions written to %s", len(predictions), path)
+    else:
+        for text, prediction in zip(texts, predictions, strict=True):
+            short = text if len(text) <= 60 else text[:57] + "..."
+            print(f"{prediction['label']}\t{prediction['score']:.4f}\t{short}")
+    return 0
+
+
+def evaluate_main(args: list[str]) -> int:
+    """``sentiment evaluate``: metrics of a checkpoint on a labelled split, split as the trainer splits."""
+    import json
+
+    from sentiment.data import load_imdb, split_imdb
+    from sentiment.predict import SentimentClassifier, evaluate_texts
+
+    options, rest = _take_options(args, {"model": str, "split": str, "output": str, "device": str})
+    if "model" not in options:
+        raise ConfigError("sentiment evaluate needs --model PATH_OR_HUB_ID")
+    split = str(options.get("split", "test"))
+    if split not in ("train", "validation", "test"):
+        raise ConfigError(f"--split must be train, validation or test (got {split!r})")
+    cfg = _config_from_args(rest)
+    splits = split_imdb(
+        load_imdb(cfg.dataset),
+        scheme=cfg.split_scheme,
+        valid_fraction=cfg.validation_fraction,
+        seed=cfg.split_seed,
+        max_train_samples=cfg.max_train_samples,
+        max_eval_samples=cfg.max_eval_samples,
+    )
+    classifier = SentimentClassifier.from_pretrained(str(options["model"]), device=options.get("device"))
+    metrics = evaluate_texts(classifier, splits[split]["text"], splits[split]["label"])
+    matrix = metrics["confusion_matrix"]
+    print(f"{split}: {metrics['count']} reviews of {cfg.dataset}")
+    for key in ("loss", "accuracy", "precision", "recall", "f1"):
+        print(f"  {key:<9} {metrics[key]:.4f}")
+    print("  confusion matrix (rows: true, columns: predicted)")
+    print("             neg      pos")
+    print(f"  neg   {matrix['true_neg']['pred_neg']:>7}  {matrix['true_neg']['pred_pos']:>7}")
+    print(f"  pos   {matrix['true_pos']['pred_neg']:>7}  {matrix['true_pos']['pred_pos']:>7}")
+    if options.get("output"):
+        Path(str(options["output"])).write_text(json.dumps({"split": split, **metrics}, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sentiment`` command."""
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"train": train_main, "prepare": prepare_main, "sweep": sweep_main, "report": report_main}
+    commands = {
+        "train": train_main,
+        "prepare": prepare_main,
+        "sweep": sweep_main,
+        "report": report_main,
+        "predict": predict_main,
+        "evaluate": evaluate_main,
+    }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(
             USAGE.format(keys=", ".join(config_keys())),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +94,9 @@ class LSTMClassifier(
         """Load a checkpoint folder (``model.safetensors`` + ``config.json``) or hub id; a clear error if it
         cannot be read."""
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+            # huggingface_hub prints "Loading weights from local directory" to stdout; keep stdout for results.
+            with contextlib.redirect_stdout(io.StringIO()):
+                return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         except Exception as err:
             raise CheckpointError(
                 f"could not load an LSTMClassifier from {pretrained_model_name_or_path} ({type(err).__name__}: "

@@ -1,0 +1,179 @@
+"""Prediction: a checkpoint (folder or hub id) plus its preprocessing, as one callable, and labelled evaluation.
+
+``SentimentClassifier.from_pretrained(path_or_hub_id)`` bundles the spaCy pretokenization, the ``tokenizer.json``
+vocabulary and the ``LSTMClassifier``; calling it on a list of reviews returns ``{"label", "score"}`` per review.
+Reviews are scored in length-sorted batches (on GPU when there is one); empty, foreign or very long texts give an
+answer, never a crash.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from tqdm.auto import tqdm
+
+from sentiment.batching import PadCollator
+from sentiment.model import CheckpointError, LSTMClassifier
+from sentiment.text import encode_tokens, pretokenize
+
+LABELS = ("neg", "pos")
+# Longer reviews are cut to their first MAX_TOKENS tokens (IMDB's longest has about 2,800): an LSTM over a
+# million-token text would take minutes and learn nothing more.
+MAX_TOKENS = 8192
+
+
+def _tokenizer_file(path_or_id: str | Path, **hub_kwargs: Any) -> Path:
+    local = Path(path_or_id)
+    if local.is_dir():
+        if not (local / "tokenizer.json").is_file():
+            raise CheckpointError(f"{local} has no tokenizer.json; a checkpoint folder holds it beside the weights")
+        return local / "tokenizer.json"
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(str(path_or_id), "tokenizer.json", **hub_kwargs))
+    except Exception as err:
+        raise CheckpointError(
+            f"could not get tokenizer.json of {path_or_id} ({type(err).__name__}: {str(err)[:200]}); pass a "
+            "checkpoint folder (runs/NAME/best) or a hub id you can reach"
+        ) from err
+
+
+class SentimentClassifier:
+    """Score movie reviews with a trained checkpoint: ``clf(["A wonderful film."])`` ->
+    ``[{"label": "pos", "score": 0.97}]`` (``score`` is the probability of the returned label)."""
+
+    def __init__(
+        self,
+        model: LSTMClassifier,
+        tokenizer: Tokenizer,
+        device: str | torch.device | None = None,
+        batch_size: int = 256,
+        max_tokens: int = MAX_TOKENS,
+    ) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_tokens = max_tokens
+        self._collate = PadCollator(model.pad_id)
+
+    @classmethod
+    def from_pretrained(
+        cls, path_or_id: str | Path, device: str | torch.device | None = None, **hub_kwargs: Any
+    ) -> SentimentClassifier:
+        """Load ``model.safetensors``, ``config.json`` and ``tokenizer.json`` from a folder or a hub id."""
+        model = LSTMClassifier.from_pretrained(path_or_id, **hub_kwargs)
+        tokenizer = Tokenizer.from_file(str(_tokenizer_file(path_or_id, **hub_kwargs)))
+        return cls(model, tokenizer, device=device)
+
+    def encode(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Token ids per text (spaCy words -> vocabulary ids), cut to ``max_tokens``."""
+        ids = encode_tokens(self.tokenizer, pretokenize([t if isinstance(t, str) else "" for t in texts]))
+        return [np.asarray(x[: self.max_tokens], dtype=np.int64) for x in ids]
+
+    @torch.no_grad()
+    def logits(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
+        """One logit per text (positive > 0), in the order given; computed in length-sorted batches."""
+        encoded = self.encode(texts)
+        order = np.argsort([-len(x) for x in encoded], kind="stable")
+        logits = np.empty(len(encoded), dtype=np.float32)
+        starts = range(0, len(order), self.batch_size)
+        for start in tqdm(starts, desc="scoring", unit="batch", disable=not progress):
+            rows = order[start : start + self.batch_size]
+            batch = self._collate([(encoded[i], 0) for i in rows])
+            output = self.model(batch["input_ids"].to(self.device), batch["lengths"])
+            logits[rows] = output.float().cpu().numpy()
+        return logits
+
+    def __call__(self, texts: str | Sequence[str], progress: bool = False) -> list[dict[str, Any]]:
+        """``{"label": "pos"|"neg", "score": probability of that label}`` for each text."""
+        if isinstance(texts, str):
+            texts = [texts]
+        positive = 1 / (1 + np.exp(-self.logits(texts, progress=progress).astype(np.float64)))
+        return [{"label": LABELS[int(p > 0.5)], "score": float(p if p > 0.5 else 1 - p)} for p in positive]
+
+
+def evaluate_texts(classifier: SentimentClassifier, texts: Sequence[str], labels: Sequence[int]) -> dict[str, Any]:
+    """Loss (BCE), accuracy, precision, recall and F1 of the positive class, and the confusion matrix."""
+    logits = torch.from_numpy(classifier.logits(texts, progress=True)).double()
+    target = torch.tensor(list(labels), dtype=torch.float64)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, target).item()
+    predicted = (logits > 0).long()
+    truth = target.long()
+    tp = int(((predicted == 1) & (truth == 1)).sum())
+    tn = int(((predicted == 0) & (truth == 0)).sum())
+    fp = int(((predicted == 1) & (truth == 0)).sum())
+    fn = int(((predicted == 0) & (truth == 1)).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    return {
+        "count": len(truth),
+        "loss": loss,
+        "accuracy": (tp + tn) / len(truth),
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "confusion_matrix": {
+            "true_neg": {"pred_neg": tn, "pred_pos": fp},
+            "true_pos": {"pred_neg": fn, "pred_pos": tp},
+        },
+    }
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """Reviews from a ``.txt`` (one per line), ``.jsonl`` (a ``text`` field per line) or ``.csv`` (a ``text``
+    column) file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"input file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return path.read_text(encoding="utf-8").splitlines()
+    if suffix == ".jsonl":
+        texts = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} line {number} is not JSON: {err.msg}") from None
+            if not isinstance(record, dict) or "text" not in record:
+                raise ValueError(f'{path} line {number}: each line must be an object with a "text" field')
+            texts.append(str(record["text"] or ""))
+        return texts
+    if suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            if not reader.fieldnames or "text" not in reader.fieldnames:
+                raise ValueError(f"{path} needs a 'text' column (found {reader.fieldnames})")
+            return [row["text"] or "" for row in reader]
+    raise ValueError(f"input {path} must end in .txt, .jsonl or .csv")
+
+
+def write_predictions(path: str | Path, texts: Sequence[str], predictions: Sequence[dict[str, Any]]) -> Path:
+    """Write ``text``, ``label``, ``score`` per review as ``.jsonl`` or ``.csv`` (temp file, then rename)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".csv"):
+        raise ValueError(f"output {path} must end in .jsonl or .csv")
+    tmp = path.with_name(f".{path.name}.tmp")
+    rows = [{"text": text, **prediction} for text, prediction in zip(texts, predictions, strict=True)]
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        if suffix == ".jsonl":
+            handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        else:
+            writer = csv.DictWriter(handle, fieldnames=["text", "label", "score"])
+            writer.writeheader()
+            writer.writerows(rows)
+    os.replace(tmp, path)
+    return path

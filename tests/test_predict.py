@@ -1,0 +1,199 @@
+"""Prediction and evaluation with a real trained checkpoint: odd inputs, files, the CLI, and evaluation that
+reproduces the trainer's own test figures."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sentiment.config import build_config
+from sentiment.model import CheckpointError, LSTMClassifier
+from sentiment.predict import SentimentClassifier, evaluate_texts, read_texts, write_predictions
+from sentiment.training import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(hub_imdb: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A BiLSTM trained for real on the fixture; its best/ folder and metrics."""
+    run = tmp_path_factory.mktemp("predict") / "run"
+    values = {
+        "dataset": str(hub_imdb),
+        "output_dir": str(run),
+        "epochs": 3,
+        "batch_size": 8,
+        "hidden_dim": 16,
+        "bidirectional": True,
+        "lr": 0.01,
+        "dropout": 0.1,
+        "report_to": "none",
+        "num_proc": 1,
+    }
+    metrics = train(build_config(None, values))
+    return run / "best", metrics
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "sentiment.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        timeout=300,
+    )
+
+
+def test_classifier_matches_the_model(checkpoint: tuple[Path, dict]) -> None:
+    """The bundled classifier's logits are the model's own on the same ids, in the order given."""
+    best, _ = checkpoint
+    classifier = SentimentClassifier.from_pretrained(best, device="cpu")
+    texts = ["A wonderful, moving film.<br />I loved it.", "Awful and boring.", "great great great awful"]
+    logits = classifier.logits(texts)
+    model = LSTMClassifier.from_pretrained(best).eval()
+    for text, logit in zip(texts, logits, strict=True):
+        ids = torch.from_numpy(classifier.encode([text])[0]).unsqueeze(0)
+        with torch.no_grad():
+            expected = model(ids, torch.tensor([ids.shape[1]])).item()
+        assert logit == pytest.approx(expected, abs=1e-5)
+    predictions = classifier(texts)
+    for prediction, logit in zip(predictions, logits, strict=True):
+        assert prediction["label"] == ("pos" if logit > 0 else "neg")
+        assert prediction["score"] == pytest.approx(1 / (1 + np.exp(-abs(logit))), abs=1e-6)
+
+
+def test_batching_does_not_change_scores(checkpoint: tuple[Path, dict]) -> None:
+    """Length-sorted batches of any size give each text the score it gets alone."""
+    best, _ = checkpoint
+    classifier = SentimentClassifier.from_pretrained(best, device="cpu")
+    texts = [("loved it " * n) + "awful" * (n % 3) for n in range(1, 12)]
+    alone = np.array([classifier.logits([t])[0] for t in texts])
+    classifier.batch_size = 4
+    np.testing.assert_allclose(classifier.logits(texts), alone, atol=1e-5)
+
+
+def test_odd_inputs_get_answers(checkpoint: tuple[Path, dict]) -> None:
+    """Empty, whitespace, non-English, unknown words, None and a text of hundreds of thousands of characters."""
+    best, _ = checkpoint
+    classifier = SentimentClassifier.from_pretrained(best, device="cpu")
+    texts = ["", "   \n ", "これは素晴らしい映画です", "zxqvblorf", None, "great " * 100_000]
+    predictions = classifier(texts)  # type: ignore[arg-type]
+    assert len(predictions) == len(texts)
+    for prediction in predictions:
+        assert prediction["label"] in ("pos", "neg")
+        assert 0.5 <= prediction["score"] <= 1.0
+    # An empty text is scored as a single <unk>: the same as one unknown word.
+    assert predictions[0]["score"] == pytest.approx(predictions[3]["score"])
+    assert predictions[5]["label"] == classifier(["great " * 50])[0]["label"]
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".csv"])
+@pytest.mark.parametrize("out_suffix", [".jsonl", ".csv"])
+def test_file_round_trip(checkpoint: tuple[Path, dict], tmp_path: Path, suffix: str, out_suffix: str) -> None:
+    """`sentiment predict --input F --output G` writes one row per review with the classifier's own answers."""
+    best, _ = checkpoint
+    texts = ["A wonderful film, brilliant and moving.", "Dull, stupid, a waste.", "It was a film.", ""]
+    source = tmp_path / f"reviews{suffix}"
+    if suffix == ".txt":
+        source.write_text("\n".join(texts) + "\n")
+    elif suffix == ".jsonl":
+        source.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(texts)))
+    else:
+        with open(source, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["id", "text"])
+            writer.writeheader()
+            writer.writerows({"id": i, "text": t} for i, t in enumerate(texts))
+    assert read_texts(source) == texts
+    output = tmp_path / f"predictions{out_suffix}"
+    result = cli("predict", "--model", str(best), "--input", str(source), "--output", str(output), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    if out_suffix == ".jsonl":
+        rows = [json.loads(line) for line in output.read_text().splitlines()]
+    else:
+        with open(output, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    expected = SentimentClassifier.from_pretrained(best, device="cpu")(texts)
+    assert [r["text"] for r in rows] == texts
+    assert [r["label"] for r in rows] == [e["label"] for e in expected]
+    assert [float(r["score"]) for r in rows] == pytest.approx([e["score"] for e in expected], abs=1e-6)
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_predict_cli_prints_a_line_per_text(checkpoint: tuple[Path, dict]) -> None:
+    best, _ = checkpoint
+    result = cli("predict", "--model", str(best), "A wonderful film.", "Awful, boring.", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2
+    assert lines[0].split("\t")[0] in ("pos", "neg") and lines[0].endswith("A wonderful film.")
+
+
+def test_evaluate_reproduces_the_trainers_test_figures(
+    checkpoint: tuple[Path, dict], hub_imdb: Path, tmp_path: Path
+) -> None:
+    """`sentiment evaluate` on the test split (split as the trainer splits) gives the trainer's test accuracy
+    and loss, plus precision, recall, F1 and a confusion matrix that add up."""
+    best, metrics = checkpoint
+    output = tmp_path / "eval.json"
+    result = cli(
+        "evaluate", "--model", str(best), "--dataset", str(hub_imdb), "--output", str(output), "--device", "cpu"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "accuracy" in result.stdout and "confusion matrix" in result.stdout
+    figures = json.loads(output.read_text())
+    assert figures["count"] == metrics["sizes"]["test"]
+    assert figures["accuracy"] == pytest.approx(metrics["test_acc"], abs=1e-9)
+    assert figures["loss"] == pytest.approx(metrics["test_loss"], rel=1e-4)
+    matrix = figures["confusion_matrix"]
+    tp, fp = matrix["true_pos"]["pred_pos"], matrix["true_neg"]["pred_pos"]
+    fn, tn = matrix["true_pos"]["pred_neg"], matrix["true_neg"]["pred_neg"]
+    assert tp + fp + fn + tn == figures["count"]
+    assert figures["accuracy"] == pytest.approx((tp + tn) / figures["count"])
+    assert figures["precision"] == pytest.approx(tp / (tp + fp) if tp + fp else 0.0)
+    assert figures["recall"] == pytest.approx(tp / (tp + fn) if tp + fn else 0.0)
+
+
+def test_evaluate_texts_on_known_answers(checkpoint: tuple[Path, dict]) -> None:
+    """Metrics computed from the classifier's own predictions: labels equal to its predictions give 1.0."""
+    best, _ = checkpoint
+    classifier = SentimentClassifier.from_pretrained(best, device="cpu")
+    texts = ["wonderful brilliant loved", "awful boring worst", "great fun", "dull waste"]
+    own = [int(p["label"] == "pos") for p in classifier(texts)]
+    figures = evaluate_texts(classifier, texts, own)
+    assert figures["accuracy"] == 1.0
+    flipped = evaluate_texts(classifier, texts, [1 - y for y in own])
+    assert flipped["accuracy"] == 0.0
+
+
+def test_bad_inputs_give_clear_errors(checkpoint: tuple[Path, dict], tmp_path: Path) -> None:
+    best, _ = checkpoint
+    (tmp_path / "reviews.xml").write_text("<r/>")
+    (tmp_path / "no_text.csv").write_text("id,review\n1,good\n")
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\nnot json\n')
+    for name, message in (
+        ("reviews.xml", ".txt, .jsonl or .csv"),
+        ("no_text.csv", "'text' column"),
+        ("bad.jsonl", "line 2 is not JSON"),
+        ("missing.txt", "not found"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            read_texts(tmp_path / name)
+    with pytest.raises(ValueError, match=r"\.jsonl or \.csv"):
+        write_predictions(tmp_path / "out.txt", ["a"], [{"label": "pos", "score": 0.9}])
+    with pytest.raises(CheckpointError, match=r"tokenizer\.json"):
+        empty = tmp_path / "no_tokenizer"
+        empty.mkdir()
+        for name in ("model.safetensors", "config.json"):
+            (empty / name).write_bytes((best / name).read_bytes())
+        SentimentClassifier.from_pretrained(empty)
+    result = cli("predict", "--model", str(best))
+    assert result.returncode == 2 and "nothing to score" in result.stderr
