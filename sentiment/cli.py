@@ -26,6 +26,8 @@ commands:
   evaluate  --model PATH_OR_ID [--split test|validation|train] [--output F.json] [data keys: --dataset,
             --split_scheme, --split_seed, --valid_fraction, --max_eval_samples ...]: loss, accuracy, precision,
             recall, F1 and confusion matrix on a labelled split
+  push      RUN_DIR|CHECKPOINT_DIR --repo_id USER/NAME [--private] [--revision BRANCH] [--commit_message MSG]:
+            write the model card and upload the checkpoint to the Hugging Face Hub in one commit
 
 config keys: {keys}
 """
@@ -184,6 +186,35 @@ def evaluate_main(args: list[str]) -> int:
     return 0
 
 
+def push_main(args: list[str]) -> int:
+    """``sentiment push RUN_OR_CHECKPOINT --repo_id ID``: write the card naming the repo, push in one commit."""
+    from sentiment.hub import push_checkpoint, write_model_card
+
+    private = "--private" in args
+    options, rest = _take_options(
+        [a for a in args if a != "--private"], {"repo_id": str, "revision": str, "commit_message": str}
+    )
+    if len(rest) != 1 or rest[0].startswith("--") or "repo_id" not in options:
+        raise ConfigError(
+            "usage: sentiment push RUN_DIR|CHECKPOINT_DIR --repo_id USER/NAME [--private] [--revision BRANCH] "
+            "[--commit_message MSG]"
+        )
+    path = Path(rest[0])
+    checkpoint = path / "best" if (path / "best").is_dir() else path
+    run_dir = checkpoint.parent if (checkpoint.parent / "config.yaml").is_file() else None
+    if (checkpoint / "model.safetensors").is_file():  # the card's example names the repo, not the local path
+        write_model_card(checkpoint, run_dir, repo_id=str(options["repo_id"]))
+    url = push_checkpoint(
+        checkpoint,
+        str(options["repo_id"]),
+        private=private,
+        revision=options.get("revision"),  # type: ignore[arg-type]
+        commit_message=options.get("commit_message"),  # type: ignore[arg-type]
+    )
+    print(url)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sentiment`` command."""
     argv = sys.argv[1:] if argv is None else argv
@@ -194,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         "report": report_main,
         "predict": predict_main,
         "evaluate": evaluate_main,
+        "push": push_main,
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(

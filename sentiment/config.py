@@ -65,6 +65,9 @@ class TrainConfig:
     report_to: Literal["wandb", "none"] = "wandb"
     project: str = "imdb-sentiment"
     run_name: str | None = None
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_private: bool = False
 
     def __post_init__(self) -> None:
         problems = [p for p in _range_problems(self) if p]
@@ -142,6 +145,10 @@ def _range_problems(cfg: TrainConfig) -> list[str | None]:
         ),
         check(cfg.num_proc is None or cfg.num_proc >= 1, f"num_proc must be >= 1 (got {cfg.num_proc})"),
         check(not (cfg.resume and cfg.overwrite), "resume and overwrite exclude each other: pick one"),
+        check(
+            not cfg.push_to_hub or bool(cfg.hub_model_id),
+            "push_to_hub needs hub_model_id: the repository to push to, e.g. --hub_model_id=USER/imdb-bilstm",
+        ),
     ]
 
 

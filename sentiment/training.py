@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from sentiment.batching import make_dataloader
 from sentiment.config import ConfigError, TrainConfig
+from sentiment.hub import push_checkpoint, require_push_access, write_model_card
 from sentiment.model import LSTMClassifier
 from sentiment.prepare import PreparedData, prepare_data
 
@@ -206,6 +207,8 @@ def train(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None) -> dict[s
 
 
 def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallback | None) -> dict[str, Any]:
+    if cfg.push_to_hub and accelerator.is_main_process:
+        require_push_access(str(cfg.hub_model_id))  # fail now, not after training
     names = [cfg.output_dir or str(Path("runs") / (cfg.run_name or _default_run_name(cfg)))]
     broadcast_object_list(names)
     output_dir = Path(names[0])
@@ -338,6 +341,7 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
             )
         write_atomic(output_dir / "metrics.json", json.dumps(metrics, indent=2))
         plot_curves(state["history"], output_dir / "curves.png")
+        write_model_card(output_dir / "best", output_dir, repo_id=cfg.hub_model_id)
         logger.info(
             "best epoch %d: valid_acc %.4f; test_loss %.4f, test_acc %.4f -> %s",
             state["best_epoch"],
@@ -346,6 +350,8 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
             test["acc"],
             output_dir,
         )
+        if cfg.push_to_hub:
+            push_checkpoint(output_dir / "best", str(cfg.hub_model_id), private=cfg.hub_private)
     return metrics
 
 
@@ -355,6 +361,7 @@ def _save_best(model: LSTMClassifier, data: PreparedData, output_dir: Path) -> N
     model.save_pretrained(tmp)
     data.tokenizer.save(str(tmp / "tokenizer.json"))
     replace_dir(tmp, output_dir / "best")
+    write_model_card(output_dir / "best", output_dir, results=False)
 
 
 def _save_state(accelerator: Accelerator, state: dict[str, Any], output_dir: Path) -> None:
