@@ -32,9 +32,12 @@ def sentiment(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 def accelerate_launch(num_processes: int, *args: str) -> subprocess.CompletedProcess:
     """`accelerate launch` on CPU; with several processes torchrun starts them and they join through gloo."""
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
-    launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launcher += ["--multi_gpu", "--main_process_port", "29533"] if num_processes > 1 else ["--cpu"]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch"]
+    if num_processes == 1:
+        launcher += ["--config_file", str(REPO / "configs" / "accelerate" / "cpu.yaml")]
+    else:
+        launcher += ["--num_processes", str(num_processes), "--num_machines", "1", "--mixed_precision", "no"]
+        launcher += ["--dynamo_backend", "no", "--multi_gpu", "--main_process_port", "29533"]
     # Without ACCELERATE_USE_CPU, processes started on a machine with no GPU would each run alone.
     return run([*launcher, str(REPO / "scripts" / "train.py"), *args], env={"ACCELERATE_USE_CPU": "true"})
 
@@ -120,3 +123,15 @@ def test_help_lists_commands_and_keys() -> None:
     result = sentiment("--help")
     assert "prepare" in result.stdout and "train" in result.stdout
     assert "max_train_samples" in result.stdout
+
+
+@pytest.mark.parametrize("name", ["cpu.yaml", "single_gpu.yaml", "multi_gpu.yaml", "multi_node.yaml"])
+def test_accelerate_configs_load(name: str) -> None:
+    """The shipped Accelerate configs are valid for Accelerate's own loader."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(REPO / "configs" / "accelerate" / name))
+    assert config.compute_environment.value == "LOCAL_MACHINE"
+    expected = {"cpu.yaml": (1, 1), "single_gpu.yaml": (1, 1), "multi_gpu.yaml": (2, 1), "multi_node.yaml": (16, 2)}
+    assert (config.num_processes, config.num_machines) == expected[name]
+    assert config.use_cpu is (name == "cpu.yaml")
