@@ -207,8 +207,8 @@ def train(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None) -> dict[s
 
 
 def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallback | None) -> dict[str, Any]:
-    if cfg.push_to_hub and accelerator.is_main_process:
-        require_push_access(str(cfg.hub_model_id))  # fail now, not after training
+    if cfg.push_to_hub:
+        require_push_access(str(cfg.hub_model_id))  # fail now (every process: no request made), not after training
     names = [cfg.output_dir or str(Path("runs") / (cfg.run_name or _default_run_name(cfg)))]
     broadcast_object_list(names)
     output_dir = Path(names[0])
