@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Train the report's two chosen configs (configs/lstm.yaml, configs/bilstm.yaml) from a prepared data folder
-# and collect each run's metrics.json, config.yaml and curves.png into RESULTS_DIR.
+# Train the report's two chosen configs (configs/lstm.yaml, configs/bilstm.yaml) from a prepared data folder,
+# evaluate each best checkpoint with `sentiment evaluate` on the same test split, and collect each run's
+# metrics.json, curves.png, evaluation and log into RESULTS_DIR.
 #
 #   sentiment prepare --config configs/bilstm.yaml --dataset ../shared/data/imdb --output_dir prepared/imdb
 #   scripts/train_report_configs.sh prepared/imdb results/h200 [extra --key=value flags]
@@ -17,4 +18,6 @@ for name in bilstm lstm; do
   echo "wall seconds: $(( $(date +%s) - start ))" | tee -a "$results/$name.log"
   cp "runs/report-$name/metrics.json" "$results/$name.metrics.json"
   cp "runs/report-$name/curves.png" "$results/$name.curves.png"
+  "${PYTHON:-python3}" -m sentiment.cli evaluate --model "runs/report-$name/best" --prepared "$prepared" \
+    --output "$results/$name.evaluate.json" | tee -a "$results/$name.log"
 done

@@ -24,8 +24,8 @@ commands:
   predict   --model PATH_OR_ID ["text" ...] [--input F.txt|.jsonl|.csv --output F.jsonl|.csv] [--batch_size N]
             [--device D]: label and probability per review
   evaluate  --model PATH_OR_ID [--split test|validation|train] [--output F.json] [data keys: --dataset,
-            --split_scheme, --split_seed, --valid_fraction, --max_eval_samples ...]: loss, accuracy, precision,
-            recall, F1 and confusion matrix on a labelled split
+            --split_scheme, --split_seed, --valid_fraction, --max_eval_samples ..., or --prepared DIR]: loss,
+            accuracy, precision, recall, F1 and confusion matrix on a labelled split
   push      RUN_DIR|CHECKPOINT_DIR --repo_id USER/NAME [--private] [--revision BRANCH] [--commit_message MSG]:
             write the model card and upload the checkpoint to the Hugging Face Hub in one commit
 
@@ -153,8 +153,8 @@ def evaluate_main(args: list[str]) -> int:
     """``sentiment evaluate``: metrics of a checkpoint on a labelled split, split as the trainer splits."""
     import json
 
-    from sentiment.data import load_imdb, split_imdb
-    from sentiment.predict import SentimentClassifier, evaluate_texts
+    from sentiment.predict import SentimentClassifier, evaluate_prepared, evaluate_texts
+    from sentiment.prepare import PreparedData
 
     options, rest = _take_options(args, {"model": str, "split": str, "output": str, "device": str})
     if "model" not in options:
@@ -163,18 +163,26 @@ def evaluate_main(args: list[str]) -> int:
     if split not in ("train", "validation", "test"):
         raise ConfigError(f"--split must be train, validation or test (got {split!r})")
     cfg = _config_from_args(rest)
-    splits = split_imdb(
-        load_imdb(cfg.dataset),
-        scheme=cfg.split_scheme,
-        valid_fraction=cfg.validation_fraction,
-        seed=cfg.split_seed,
-        max_train_samples=cfg.max_train_samples,
-        max_eval_samples=cfg.max_eval_samples,
-    )
     classifier = SentimentClassifier.from_pretrained(str(options["model"]), device=options.get("device"))
-    metrics = evaluate_texts(classifier, splits[split]["text"], splits[split]["label"])
+    if cfg.prepared:  # token ids made by `sentiment prepare`: no spaCy or datasets needed
+        prepared = PreparedData.load(cfg.prepared)
+        source = prepared.info["dataset"]
+        metrics = evaluate_prepared(classifier, prepared.splits[split], prepared.tokenizer)
+    else:
+        from sentiment.data import load_imdb, split_imdb
+
+        source = cfg.dataset
+        splits = split_imdb(
+            load_imdb(cfg.dataset),
+            scheme=cfg.split_scheme,
+            valid_fraction=cfg.validation_fraction,
+            seed=cfg.split_seed,
+            max_train_samples=cfg.max_train_samples,
+            max_eval_samples=cfg.max_eval_samples,
+        )
+        metrics = evaluate_texts(classifier, splits[split]["text"], splits[split]["label"])
     matrix = metrics["confusion_matrix"]
-    print(f"{split}: {metrics['count']} reviews of {cfg.dataset}")
+    print(f"{split}: {metrics['count']} reviews of {source}")
     for key in ("loss", "accuracy", "precision", "recall", "f1"):
         print(f"  {key:<9} {metrics[key]:.4f}")
     print("  confusion matrix (rows: true, columns: predicted)")

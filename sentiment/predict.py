@@ -20,7 +20,7 @@ import torch
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-from sentiment.batching import PadCollator
+from sentiment.batching import EncodedSplit, PadCollator
 from sentiment.model import CheckpointError, LSTMClassifier
 from sentiment.text import encode_tokens, pretokenize
 
@@ -80,10 +80,14 @@ class SentimentClassifier:
         ids = encode_tokens(self.tokenizer, pretokenize([t if isinstance(t, str) else "" for t in texts]))
         return [np.asarray(x[: self.max_tokens], dtype=np.int64) for x in ids]
 
-    @torch.no_grad()
     def logits(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
         """One logit per text (positive > 0), in the order given; computed in length-sorted batches."""
-        encoded = self.encode(texts)
+        return self.logits_of_ids(self.encode(texts), progress=progress)
+
+    @torch.no_grad()
+    def logits_of_ids(self, encoded: Sequence[np.ndarray], progress: bool = False) -> np.ndarray:
+        """One logit per already encoded text (token ids), in the order given."""
+        encoded = [np.asarray(ids[: self.max_tokens], dtype=np.int64) for ids in encoded]
         order = np.argsort([-len(x) for x in encoded], kind="stable")
         logits = np.empty(len(encoded), dtype=np.float32)
         starts = range(0, len(order), self.batch_size)
@@ -104,7 +108,24 @@ class SentimentClassifier:
 
 def evaluate_texts(classifier: SentimentClassifier, texts: Sequence[str], labels: Sequence[int]) -> dict[str, Any]:
     """Loss (BCE), accuracy, precision, recall and F1 of the positive class, and the confusion matrix."""
-    logits = torch.from_numpy(classifier.logits(texts, progress=True)).double()
+    return classification_metrics(classifier.logits(texts, progress=True), labels)
+
+
+def evaluate_prepared(classifier: SentimentClassifier, split: EncodedSplit, tokenizer: Tokenizer) -> dict[str, Any]:
+    """``evaluate_texts`` on a split of a ``sentiment prepare`` folder (token ids made by ``tokenizer``): no spaCy
+    needed, so a GPU machine without it can evaluate. The checkpoint must use the same vocabulary."""
+    if json.loads(tokenizer.to_str()) != json.loads(classifier.tokenizer.to_str()):
+        raise CheckpointError(
+            "the prepared data was encoded with another tokenizer.json than the checkpoint's: evaluate from the "
+            "raw dataset (--dataset) instead, or use the prepared folder the checkpoint was trained from"
+        )
+    ids = [split[i][0] for i in range(len(split))]
+    return classification_metrics(classifier.logits_of_ids(ids, progress=True), split.labels.tolist())
+
+
+def classification_metrics(logits: np.ndarray, labels: Sequence[int]) -> dict[str, Any]:
+    """Loss (BCE), accuracy, precision, recall, F1 (positive class) and confusion matrix of logits vs labels."""
+    logits = torch.from_numpy(np.asarray(logits)).double()
     target = torch.tensor(list(labels), dtype=torch.float64)
     loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, target).item()
     predicted = (logits > 0).long()

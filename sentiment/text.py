@@ -10,10 +10,12 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
-from datasets import Dataset, DatasetDict
-from datasets.fingerprint import Hasher
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+if TYPE_CHECKING:  # datasets is imported where it is used: prediction from a checkpoint needs none of it
+    from datasets import Dataset, DatasetDict
 
 UNK_TOKEN = "<unk>"
 PAD_TOKEN = "<pad>"
@@ -51,12 +53,15 @@ def _pretokenize_batch(batch: dict[str, list]) -> dict[str, list]:
 
 
 def _fingerprint(*parts: object) -> str:
+    from datasets.fingerprint import Hasher
+
     return Hasher.hash(parts)
 
 
 def pretokenize_splits(splits: DatasetDict, num_proc: int | None = None) -> DatasetDict:
     """Add a ``tokens`` column (spaCy words) to every split, replacing ``text``; cached on the datasets cache."""
     import spacy
+    from datasets import DatasetDict
 
     return DatasetDict(
         {
@@ -139,8 +144,8 @@ def encode_tokens(tokenizer: Tokenizer, token_lists: Sequence[list[str]]) -> lis
 
 def encode_splits(splits: DatasetDict, tokenizer: Tokenizer) -> DatasetDict:
     """Replace ``tokens`` with ``input_ids`` (int32) and ``length``; cached, keyed by data and tokenizer."""
+    from datasets import DatasetDict, Value
     from datasets import Sequence as SequenceFeature
-    from datasets import Value
 
     tokenizer_key = tokenizer.to_str()
 

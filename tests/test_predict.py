@@ -197,3 +197,49 @@ def test_bad_inputs_give_clear_errors(checkpoint: tuple[Path, dict], tmp_path: P
         SentimentClassifier.from_pretrained(empty)
     result = cli("predict", "--model", str(best))
     assert result.returncode == 2 and "nothing to score" in result.stderr
+
+
+def test_evaluate_from_a_prepared_folder(hub_imdb: Path, tmp_path: Path) -> None:
+    """`sentiment evaluate --prepared DIR` scores the prepared token ids (no spaCy, no datasets) and gives the
+    trainer's own test figures for a run trained from that folder."""
+    prepared = tmp_path / "prepared"
+    result = cli("prepare", "--dataset", str(hub_imdb), "--num_proc=1", f"--output_dir={prepared}")
+    assert result.returncode == 0, result.stderr
+    values = {
+        "prepared": str(prepared),
+        "output_dir": str(tmp_path / "run"),
+        "epochs": 2,
+        "batch_size": 8,
+        "hidden_dim": 8,
+        "report_to": "none",
+    }
+    metrics = train(build_config(None, values))
+    output = tmp_path / "eval.json"
+    result = cli(
+        "evaluate",
+        "--model",
+        str(tmp_path / "run" / "best"),
+        "--prepared",
+        str(prepared),
+        "--output",
+        str(output),
+        "--device",
+        "cpu",
+    )
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(output.read_text())
+    assert figures["count"] == metrics["sizes"]["test"]
+    assert figures["accuracy"] == pytest.approx(metrics["test_acc"], abs=1e-9)
+    assert figures["loss"] == pytest.approx(metrics["test_loss"], rel=1e-4)
+
+
+def test_checkpoint_code_needs_neither_spacy_nor_datasets_to_import() -> None:
+    """Training from a prepared folder, evaluating from one and loading checkpoints import neither library, so a
+    GPU machine without them can run them."""
+    code = (
+        "import sys, sentiment.cli, sentiment.training, sentiment.predict, sentiment.hub; "
+        "print(sorted(m for m in ('spacy', 'datasets') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
