@@ -36,7 +36,10 @@ def _spacy_tokenizer():
 
 def clean_text(text: str) -> str:
     """Remove IMDB's HTML line breaks (``<br />``), which spaCy would otherwise turn into tokens like ``/><br``."""
-    return _HTML_BREAK.sub(" ", text)
+    while True:  # "<br<br>>" hides a second break: repeat until none is left (each pass shortens the text)
+        text, removed = _HTML_BREAK.subn(" ", text)
+        if not removed:
+            return text
 
 
 def pretokenize(texts: Sequence[str]) -> list[list[str]]:
@@ -112,6 +115,13 @@ def build_tokenizer(
             yield batch
 
     tokenizer.train_from_iterator(joined(), trainer=trainer)
+    # The trainer registers <unk> and <pad> as "added tokens", which the Rust tokenizer then cuts out of any word
+    # that contains them ("a.<pad>.b" -> 3 ids, a padding id inside a review). Rebuild it from the trained vocabulary
+    # alone: the same ids, one id per word.
+    trained = tokenizer
+    tokenizer = Tokenizer(models.WordLevel(trained.get_vocab(), unk_token=UNK_TOKEN))
+    tokenizer.normalizer = trained.normalizer
+    tokenizer.pre_tokenizer = trained.pre_tokenizer
     if tokenizer.token_to_id(UNK_TOKEN) != UNK_ID or tokenizer.token_to_id(PAD_TOKEN) != PAD_ID:
         raise RuntimeError("special tokens did not get ids 0 (<unk>) and 1 (<pad>)")
     if max_length is not None:
