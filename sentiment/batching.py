@@ -79,10 +79,13 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         self.num_replicas = num_replicas
         self.rank = rank
         self.epoch = 0
+        self.skip_batches = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose batches ``__iter__`` yields (deterministic per seed and epoch)."""
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Choose the epoch whose batches ``__iter__`` yields (deterministic per seed and epoch), leaving out this
+        process's first ``skip_batches`` batches (to continue an epoch interrupted after that many steps)."""
         self.epoch = epoch
+        self.skip_batches = skip_batches
 
     def global_batches(self) -> list[np.ndarray]:
         """The batches of this epoch for all processes together, in order."""
@@ -105,11 +108,11 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        for batch in self.global_batches()[self.rank :: self.num_replicas]:
+        for batch in self.global_batches()[self.rank :: self.num_replicas][self.skip_batches :]:
             yield batch.tolist()
 
     def __len__(self) -> int:
-        return len(self.global_batches()) // self.num_replicas
+        return max(len(self.global_batches()) // self.num_replicas - self.skip_batches, 0)
 
 
 class SortedBatchSampler(Sampler[list[int]]):
@@ -168,4 +171,7 @@ def make_dataloader(
         )
     else:
         sampler = SortedBatchSampler(split.lengths, batch_size, num_replicas=num_replicas, rank=rank)
-    return DataLoader(split, batch_sampler=sampler, collate_fn=PadCollator(pad_id))
+    # A generator of its own: creating an iterator draws a seed from it, which would otherwise come from the global
+    # RNG and make a run resumed mid-epoch draw different dropout masks than the uninterrupted run.
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(split, batch_sampler=sampler, collate_fn=PadCollator(pad_id), generator=generator)

@@ -47,9 +47,13 @@ def _setup_logging() -> None:
 
 def train_main(args: list[str]) -> int:
     """``sentiment train`` / ``scripts/train.py``."""
-    from sentiment.training import train
+    from sentiment.training import TrainingStopped, train
 
-    train(_config_from_args(args))
+    try:
+        train(_config_from_args(args))
+    except TrainingStopped as stopped:
+        print(f"stopped: {stopped}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -57,6 +57,7 @@ class TrainConfig:
     eval_batch_size: int = 256
     lr: float = 1e-3
     max_grad_norm: float | None = None
+    save_steps: int | None = None
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     # outputs and tracking
     output_dir: str | None = None
@@ -144,6 +145,7 @@ def _range_problems(cfg: TrainConfig) -> list[str | None]:
             f"max_grad_norm must be > 0, or null for no clipping (got {cfg.max_grad_norm})",
         ),
         check(cfg.num_proc is None or cfg.num_proc >= 1, f"num_proc must be >= 1 (got {cfg.num_proc})"),
+        check(cfg.save_steps is None or cfg.save_steps >= 1, f"save_steps must be >= 1 (got {cfg.save_steps})"),
         check(not (cfg.resume and cfg.overwrite), "resume and overwrite exclude each other: pick one"),
         check(
             not cfg.push_to_hub or bool(cfg.hub_model_id),

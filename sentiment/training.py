@@ -10,7 +10,9 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import string
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -132,17 +134,24 @@ def train_epoch(
     accelerator: Accelerator,
     epoch: int,
     cfg: TrainConfig,
+    start_step: int = 0,
+    partial_totals: list[float] | None = None,
+    after_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> dict[str, float]:
     """One pass over this process's batches of ``epoch``; loss and accuracy over all processes' examples.
 
-    Figures accumulate on the device (no host sync per step); the bar shows the loss every 50 steps.
+    Figures accumulate on the device (no host sync per step); the bar shows the loss every 50 steps. An epoch
+    interrupted after ``start_step`` steps continues from there, with the figures summed so far
+    (``partial_totals``, over all processes). ``after_step(steps_done, totals)`` runs after every step.
     """
     model.train()
-    loader.batch_sampler.set_epoch(epoch)
+    loader.batch_sampler.set_epoch(epoch, skip_batches=start_step)
     device = accelerator.device
     totals = torch.zeros(3, dtype=torch.float64, device=device)
+    if partial_totals is not None and accelerator.is_main_process:  # summed over processes: counted once
+        totals += torch.tensor(partial_totals, dtype=torch.float64, device=device)
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not accelerator.is_main_process, leave=False)
-    for step, batch in enumerate(bar):
+    for step, batch in enumerate(bar, start=start_step):
         labels = batch["labels"].to(device, non_blocking=True)
         logits = model(batch["input_ids"].to(device, non_blocking=True), batch["lengths"])
         loss = F.binary_cross_entropy_with_logits(logits.float(), labels)
@@ -157,6 +166,8 @@ def train_epoch(
             totals[2] += len(labels)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
+        if after_step is not None:
+            after_step(step + 1, totals)
     totals = accelerator.reduce(totals, reduction="sum")
     return {"loss": totals[0].item() / totals[2].item(), "acc": totals[1].item() / totals[2].item()}
 
@@ -185,6 +196,40 @@ def plot_curves(history: list[dict[str, float]], path: Path) -> None:
 
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+class TrainingStopped(RuntimeError):
+    """SIGINT or SIGTERM arrived: the state was saved after the current step and the run stopped."""
+
+    def __init__(self, output_dir: Path, epoch: int, step: int) -> None:
+        super().__init__(
+            f"stopped in epoch {epoch + 1} after step {step}; state saved in {output_dir}/state. Continue with "
+            f"the same command and --resume --output_dir {output_dir}"
+        )
+
+
+class StopSignal:
+    """While entered, SIGINT and SIGTERM set ``requested`` (the loop saves state and stops after the current
+    step) instead of killing the process mid-write. Outside the main thread it installs nothing."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        logger.warning("received %s: saving state after this step, then stopping", signal.Signals(signum).name)
+        self.requested = True
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
 
 
 def train(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None) -> dict[str, Any]:
@@ -256,8 +301,11 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
     valid_loader = make_dataloader(data.splits["validation"], cfg.eval_batch_size, pad_id, train=False, **shard)
     test_loader = make_dataloader(data.splits["test"], cfg.eval_batch_size, pad_id, train=False, **shard)
 
+    stop = StopSignal()
     state: dict[str, Any] = {
         "epoch": 0,
+        "step": 0,
+        "partial_totals": None,
         "history": [],
         "best_valid_acc": -1.0,
         "best_epoch": None,
@@ -277,36 +325,53 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
         init_kwargs = _setup_wandb(cfg, output_dir, state["wandb_run_id"]) if accelerator.is_main_process else {}
         accelerator.init_trackers(cfg.project, config=resolved.to_dict(), init_kwargs={"wandb": init_kwargs})
 
-    for epoch in range(state["epoch"], cfg.epochs):
-        started = time.perf_counter()
-        train_figures = train_epoch(model, optimizer, train_loader, accelerator, epoch, cfg)
-        train_seconds = time.perf_counter() - started
-        valid = evaluate(accelerator.unwrap_model(model), valid_loader, accelerator)
-        record = {
-            "epoch": epoch + 1,
-            "train_loss": train_figures["loss"],
-            "train_acc": train_figures["acc"],
-            "valid_loss": valid["loss"],
-            "valid_acc": valid["acc"],
-            "epoch_seconds": train_seconds,
-            "eval_seconds": time.perf_counter() - started - train_seconds,
-        }
-        state["history"].append(record)
-        accelerator.log(record, step=epoch + 1)
-        if accelerator.is_main_process:
-            logger.info(
-                "epoch %d: %s",
-                epoch + 1,
-                ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch"),
-            )
-        if record["valid_acc"] > state["best_valid_acc"]:
-            state.update(best_valid_acc=record["valid_acc"], best_epoch=epoch + 1)
+    def after_step(steps_done: int, totals: torch.Tensor) -> None:
+        """Save state every ``save_steps`` steps, and on SIGINT/SIGTERM save it and stop."""
+        stopping = stop.requested
+        if accelerator.num_processes > 1:  # every process must agree to save (a collective) and stop
+            stopping = bool(accelerator.reduce(torch.tensor(float(stopping), device=accelerator.device), "sum").item())
+        if stopping or (cfg.save_steps and steps_done % cfg.save_steps == 0):
+            summed = accelerator.reduce(totals.clone(), reduction="sum")
+            state.update(step=steps_done, partial_totals=summed.tolist())
+            _save_state(accelerator, state, output_dir)
+        if stopping:
+            raise TrainingStopped(output_dir, state["epoch"], steps_done)
+
+    with stop:  # SIGINT/SIGTERM: save after the current step and stop (checked after each step)
+        for epoch in range(state["epoch"], cfg.epochs):
+            started = time.perf_counter()
+            train_figures = train_epoch(
+                model, optimizer, train_loader, accelerator, epoch, cfg,
+                start_step=state.get("step", 0), partial_totals=state.get("partial_totals"), after_step=after_step,
+            )  # fmt: skip
+            state.update(step=0, partial_totals=None)
+            train_seconds = time.perf_counter() - started
+            valid = evaluate(accelerator.unwrap_model(model), valid_loader, accelerator)
+            record = {
+                "epoch": epoch + 1,
+                "train_loss": train_figures["loss"],
+                "train_acc": train_figures["acc"],
+                "valid_loss": valid["loss"],
+                "valid_acc": valid["acc"],
+                "epoch_seconds": train_seconds,
+                "eval_seconds": time.perf_counter() - started - train_seconds,
+            }
+            state["history"].append(record)
+            accelerator.log(record, step=epoch + 1)
             if accelerator.is_main_process:
-                _save_best(accelerator.unwrap_model(model), data, output_dir)
-        state["epoch"] = epoch + 1
-        _save_state(accelerator, state, output_dir)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, record)
+                logger.info(
+                    "epoch %d: %s",
+                    epoch + 1,
+                    ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch"),
+                )
+            if record["valid_acc"] > state["best_valid_acc"]:
+                state.update(best_valid_acc=record["valid_acc"], best_epoch=epoch + 1)
+                if accelerator.is_main_process:
+                    _save_best(accelerator.unwrap_model(model), data, output_dir)
+            state["epoch"] = epoch + 1
+            _save_state(accelerator, state, output_dir)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1, record)
 
     accelerator.wait_for_everyone()
     best_dir = _existing_dir(output_dir / "best")

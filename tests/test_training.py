@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +23,7 @@ from sentiment.data import load_imdb, split_imdb
 from sentiment.model import LSTMClassifier
 from sentiment.prepare import PreparedData, PreparedDataError, prepare_data
 from sentiment.text import PAD_ID, encode_tokens, pretokenize
-from sentiment.training import train
+from sentiment.training import TrainingStopped, train
 
 
 def tiny_config(dataset: Path, output_dir: Path, **overrides: object) -> TrainConfig:
@@ -212,3 +217,54 @@ def test_real_imdb_one_epoch(tmp_path: Path) -> None:
     assert metrics["valid_acc"] > 0.6
     assert metrics["test_acc"] > 0.6
     assert np.isfinite(metrics["test_loss"])
+
+
+def test_sigterm_saves_state_and_resume_matches(
+    trained_run: tuple[TrainConfig, Path, dict], hub_imdb: Path, tmp_path: Path
+) -> None:
+    """SIGTERM stops the run after the current step with its state saved (mid-epoch); --resume then ends with
+    exactly the uninterrupted run's figures."""
+    _, _, metrics = trained_run
+
+    def terminate_after_first_epoch(epoch: int, record: dict[str, float]) -> None:
+        if epoch == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled: the next step saves and stops
+
+    with pytest.raises(TrainingStopped, match=r"after step 1.*--resume"):
+        train(tiny_config(hub_imdb, tmp_path / "stopped"), on_epoch_end=terminate_after_first_epoch)
+    state = json.loads((tmp_path / "stopped" / "state" / "trainer_state.json").read_text())
+    assert (state["epoch"], state["step"]) == (1, 1)
+    assert not (tmp_path / "stopped" / "metrics.json").exists()
+    resumed = train(tiny_config(hub_imdb, tmp_path / "stopped", resume=True))
+    for key in ("train_loss", "train_acc", "valid_loss", "valid_acc"):
+        assert [h[key] for h in resumed["history"]] == pytest.approx([h[key] for h in metrics["history"]], abs=1e-9)
+    assert resumed["test_acc"] == metrics["test_acc"]
+
+
+def test_sigkill_mid_epoch_then_resume_matches(hub_imdb: Path, tmp_path: Path) -> None:
+    """A run killed with SIGKILL in the middle of an epoch continues from its last mid-epoch save (model,
+    optimizer, RNG, sampler position, partial figures) to exactly the figures of an uninterrupted run."""
+    settings = {"epochs": 3, "batch_size": 1, "save_steps": 5}
+    reference = train(tiny_config(hub_imdb, tmp_path / "reference", **settings))
+    run_dir = tmp_path / "killed"
+    args = [f"--{k}={v}" for k, v in tiny_config(hub_imdb, run_dir, **settings).to_dict().items() if v is not None]
+    process = subprocess.Popen([sys.executable, "-m", "sentiment.cli", "train", *args], cwd=Path(__file__).parents[1],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    state_file = run_dir / "state" / "trainer_state.json"
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            if state_file.exists() and json.loads(state_file.read_text()).get("step", 0) > 0:
+                break  # a mid-epoch save has landed
+            time.sleep(0.01)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    state = json.loads(state_file.read_text())
+    assert state["step"] > 0 and not (run_dir / "metrics.json").exists()
+    resumed = train(tiny_config(hub_imdb, run_dir, resume=True, **settings))
+    for key in ("train_loss", "train_acc", "valid_loss", "valid_acc"):
+        assert [h[key] for h in resumed["history"]] == pytest.approx([h[key] for h in reference["history"]], abs=1e-9)
+    assert resumed["test_acc"] == reference["test_acc"]
+    assert resumed["test_loss"] == pytest.approx(reference["test_loss"], abs=1e-12)
