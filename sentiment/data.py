@@ -89,6 +89,18 @@ def _load_aclimdb(root: Path, cache_dir: str | None) -> DatasetDict:
     return datasets.load_dataset("parquet", data_files=data_files, cache_dir=cache_dir)
 
 
+def _check_parquet_files(path: Path) -> None:
+    """Name a damaged parquet file before datasets fails on it with a generic message."""
+    for file in sorted(path.rglob("*.parquet")):
+        try:
+            pq.read_metadata(file)
+        except Exception as err:  # pyarrow raises ArrowInvalid / OSError for truncated or foreign files
+            raise DataError(
+                f"{file} is not a readable parquet file ({type(err).__name__}: {str(err)[:200]}). It is damaged or "
+                "incomplete: download it again, or remove it"
+            ) from None
+
+
 def _split_parquet_files(path: Path) -> dict[str, list[str]] | None:
     """Without a dataset card (README.md) listing the files, datasets only knows train/validation/test file
     names; find ``train-*.parquet``, ``test-*.parquet`` and ``unsupervised-*.parquet`` ourselves."""
@@ -113,6 +125,7 @@ def load_imdb(name: str = DEFAULT_DATASET, cache_dir: str | None = None) -> Data
         if _is_aclimdb(path):
             raw = _load_aclimdb(path, cache_dir)
         else:
+            _check_parquet_files(path)
             try:
                 parquet_files = _split_parquet_files(path)
                 if parquet_files:

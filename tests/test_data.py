@@ -340,3 +340,17 @@ def test_unknown_scheme(hub_raw: DatasetDict) -> None:
     """An unknown scheme is a DataError naming it."""
     with pytest.raises(DataError, match="'random'"):
         split_imdb(hub_raw, "random")
+
+
+def test_corrupt_parquet_file_is_named(tmp_path: Path) -> None:
+    """A damaged parquet file stops loading with a message naming that file."""
+    root = tmp_path / "imdb"
+    (root / "plain_text").mkdir(parents=True)
+    texts, labels = make_split(20, 1)
+    pq.write_table(pa.table({"text": texts, "label": labels}), root / "plain_text" / "train-00000-of-00001.parquet")
+    good = pq.read_table(root / "plain_text" / "train-00000-of-00001.parquet")
+    broken = root / "plain_text" / "test-00000-of-00001.parquet"
+    pq.write_table(good, broken)
+    broken.write_bytes(broken.read_bytes()[:-20])  # truncated: the footer is gone
+    with pytest.raises(DataError, match=r"test-00000-of-00001\.parquet is not a readable parquet file"):
+        load_imdb(str(root))

@@ -282,3 +282,12 @@ def test_no_vocabulary_word_found(tmp_path: Path, fixture_tokenizer: Tokenizer) 
     spec = write(tmp_path, "zebra 0.1 0.2\nquantum 0.3 0.4\n")
     with pytest.raises(VectorsError, match="no word of the vocabulary"):
         embedding_matrix(fixture_tokenizer, spec)
+
+
+def test_duplicated_word_keeps_the_first(tmp_path: Path) -> None:
+    """A word listed twice takes its first vector, as GloVe readers do."""
+    path = tmp_path / "dup.txt"
+    path.write_text("the 1 2 3\nmovie 4 5 6\nthe 7 8 9\n")
+    vectors = read_glove(str(path), {"the", "movie"})
+    assert vectors["the"].tolist() == [1.0, 2.0, 3.0]
+    assert vectors["movie"].tolist() == [4.0, 5.0, 6.0]
