@@ -136,23 +136,50 @@ class SortedBatchSampler(Sampler[list[int]]):
         return len(self.batches)
 
 
+def bucket_length(length: int, per_octave: int = 8) -> int:
+    """The smallest length of a bounded ladder that is at least ``length``: every length up to
+    ``2 * per_octave``, then ``per_octave`` evenly spaced lengths per octave (at most 1/``per_octave`` more padding),
+    so batches of any length take one of a few dozen shapes."""
+    if length <= 2 * per_octave:
+        return max(length, 1)
+    octave = 1 << (length.bit_length() - 1)
+    step = octave // per_octave
+    return -(-length // step) * step
+
+
 class PadCollator:
     """Pad a list of ``(ids, label)`` into ``input_ids`` (B x T, int64), ``lengths`` (B, on CPU, as
-    ``pack_padded_sequence`` wants) and ``labels`` (B, float32)."""
+    ``pack_padded_sequence`` wants) and ``labels`` (B, float32).
 
-    def __init__(self, pad_id: int) -> None:
+    With ``fixed_rows`` (for CUDA graphs, which replay fixed shapes), T is rounded up by :func:`bucket_length`,
+    the batch is filled up to ``fixed_rows`` rows with one-token filler reviews, and ``weights`` (1 for a real
+    review, 0 for filler) is added.
+    """
+
+    def __init__(self, pad_id: int, fixed_rows: int | None = None) -> None:
         self.pad_id = pad_id
+        self.fixed_rows = fixed_rows
 
     def __call__(self, examples: list[tuple[np.ndarray, int]]) -> dict[str, torch.Tensor]:
         lengths = [len(ids) for ids, _ in examples]
-        input_ids = np.full((len(examples), max(lengths)), self.pad_id, dtype=np.int64)
+        labels = [label for _, label in examples]
+        rows, steps = len(examples), max(lengths)
+        if self.fixed_rows is not None:
+            if rows > self.fixed_rows:
+                raise ValueError(f"a batch of {rows} reviews does not fit fixed_rows={self.fixed_rows}")
+            rows, steps = self.fixed_rows, bucket_length(steps)
+        input_ids = np.full((rows, steps), self.pad_id, dtype=np.int64)
         for row, (ids, _) in enumerate(examples):
             input_ids[row, : len(ids)] = ids
-        return {
+        filler = rows - len(examples)
+        batch = {
             "input_ids": torch.from_numpy(input_ids),
-            "lengths": torch.tensor(lengths, dtype=torch.int64),
-            "labels": torch.tensor([label for _, label in examples], dtype=torch.float32),
+            "lengths": torch.tensor(lengths + [1] * filler, dtype=torch.int64),
+            "labels": torch.tensor(labels + [0] * filler, dtype=torch.float32),
         }
+        if self.fixed_rows is not None:
+            batch["weights"] = torch.tensor([1.0] * len(examples) + [0.0] * filler, dtype=torch.float32)
+        return batch
 
 
 def make_dataloader(
@@ -163,8 +190,10 @@ def make_dataloader(
     seed: int = 0,
     num_replicas: int = 1,
     rank: int = 0,
+    fixed_shapes: bool = False,
 ) -> DataLoader:
-    """A DataLoader over ``split``: length-grouped shuffled batches for training, sorted ones for evaluation."""
+    """A DataLoader over ``split``: length-grouped shuffled batches for training, sorted ones for evaluation.
+    ``fixed_shapes``: batches of exactly ``batch_size`` rows and bucketed lengths (see :class:`PadCollator`)."""
     if train:
         sampler: Sampler = LengthGroupedBatchSampler(
             split.lengths, batch_size, seed=seed, num_replicas=num_replicas, rank=rank
@@ -174,4 +203,7 @@ def make_dataloader(
     # A generator of its own: creating an iterator draws a seed from it, which would otherwise come from the global
     # RNG and make a run resumed mid-epoch draw different dropout masks than the uninterrupted run.
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(split, batch_sampler=sampler, collate_fn=PadCollator(pad_id), generator=generator)
+    collate = PadCollator(pad_id, fixed_rows=batch_size if fixed_shapes else None)
+    # Fixed shapes feed CUDA graphs: pinned batches copy to the GPU without waiting for the step in flight.
+    pin_memory = fixed_shapes and torch.cuda.is_available()
+    return DataLoader(split, batch_sampler=sampler, collate_fn=collate, generator=generator, pin_memory=pin_memory)

@@ -47,13 +47,16 @@ def _setup_logging() -> None:
 
 def train_main(args: list[str]) -> int:
     """``sentiment train`` / ``scripts/train.py``."""
-    from sentiment.training import TrainingStopped, train
+    from sentiment.training import SaveError, TrainingStopped, train
 
     try:
         train(_config_from_args(args))
     except TrainingStopped as stopped:
         print(f"stopped: {stopped}", file=sys.stderr)
         return 130
+    except SaveError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -49,7 +49,8 @@ class TrainConfig:
     n_layers: int = 1
     dropout: float = 0.5
     bidirectional: bool = False
-    rnn_input: Literal["auto", "packed", "padded"] = "auto"
+    rnn_input: Literal["auto", "packed", "padded", "fused"] = "auto"
+    cuda_graphs: bool = True
     # training
     seed: int = 42
     epochs: int = 8

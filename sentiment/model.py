@@ -13,7 +13,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-RNN_INPUTS = ("auto", "packed", "padded")
+RNN_INPUTS = ("auto", "packed", "padded", "fused")
 
 
 class CheckpointError(ValueError):
@@ -50,8 +50,13 @@ class LSTMClassifier(
     ``packed`` runs ``nn.LSTM`` on ``pack_padded_sequence`` (cuDNN's packed kernels on GPU); ``padded`` runs each
     layer and direction on the padded tensor, the backward direction on a copy reversed within each review's
     length, and reads each review's state at its true last token (PyTorch's CPU backward through packed
-    sequences of unequal lengths grows quadratically with the length; this path does not). ``auto``: packed on
-    GPU, padded on CPU.
+    sequences of unequal lengths grows quadratically with the length; this path does not). ``fused`` runs one
+    cuDNN call per layer on the padded tensor (no packing, so no per-step host work, and the whole batch shape
+    is fixed, which CUDA graphs need): for a BiLSTM the batch is doubled with a right-aligned copy of each
+    review, so that the fused layer's forward direction reads the left-aligned rows and its backward direction
+    the right-aligned ones, each meeting a review's real tokens before its padding. ``auto``: fused for an LSTM on
+    GPU, padded otherwise (on an H200 the fused bidirectional layer on a doubled batch is slower than two
+    single-direction calls).
     """
 
     def __init__(
@@ -118,8 +123,15 @@ class LSTMClassifier(
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Logits (B,) for right-padded ``input_ids`` (B x T) whose true lengths are ``lengths`` (B, any device)."""
         embedded = self.dropout(self.embedding(input_ids))
-        use_packed = self.rnn_input == "packed" or (self.rnn_input == "auto" and embedded.is_cuda)
-        final = self._packed_final(embedded, lengths) if use_packed else self._padded_final(embedded, lengths)
+        path = self.rnn_input
+        if path == "auto":  # measured on an H200: fused for an LSTM, padded for a BiLSTM (docs/benchmarks.md)
+            path = "fused" if embedded.is_cuda and not self.lstm.bidirectional else "padded"
+        if path == "packed":
+            final = self._packed_final(embedded, lengths)
+        elif path == "fused":
+            final = self._fused_final(embedded, lengths)
+        else:
+            final = self._padded_final(embedded, lengths)
         return self.classifier(self.dropout(final)).squeeze(-1)
 
     def _packed_final(self, embedded: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -128,6 +140,47 @@ class LSTMClassifier(
         if self.lstm.bidirectional:
             return torch.cat([hidden[-2], hidden[-1]], dim=-1)
         return hidden[-1]
+
+    def _layer_weights(self, layer: int) -> list[torch.Tensor]:
+        """The weights of one layer, both directions, in ``torch.lstm``'s order."""
+        suffixes = ["", "_reverse"] if self.lstm.bidirectional else [""]
+        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+        return [getattr(self.lstm, f"{name}_l{layer}{suffix}") for suffix in suffixes for name in names]
+
+    def _fused_final(self, embedded: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        batch, steps, _ = embedded.shape
+        lengths = lengths.to(embedded.device)
+        hidden_size = self.lstm.hidden_size
+        bidirectional = self.lstm.bidirectional
+        if bidirectional:
+            positions = torch.arange(steps, device=embedded.device).unsqueeze(0)
+            shift = (steps - lengths).unsqueeze(1)
+            # Row b moved right by its padding (steps - length): real tokens end at the last step. Padding wraps
+            # round to the front, where the backward direction meets it only after every real token.
+            to_right = ((positions - shift) % steps).unsqueeze(-1)
+            to_left = ((positions + shift) % steps).unsqueeze(-1)
+        rows = 2 * batch if bidirectional else batch
+        zeros = embedded.new_zeros(2 if bidirectional else 1, rows, hidden_size)
+        layer_input = embedded
+        for layer in range(self.lstm.num_layers):
+            if layer > 0 and self.lstm.dropout > 0:
+                layer_input = F.dropout(layer_input, self.lstm.dropout, self.training)
+            weights = self._layer_weights(layer)
+            if not bidirectional:
+                layer_input = torch.lstm(
+                    layer_input, (zeros, zeros), weights, True, 1, 0.0, self.training, False, True
+                )[0]
+                continue
+            right = layer_input.gather(1, to_right.expand(-1, -1, layer_input.shape[-1]))
+            both = torch.cat([layer_input, right])
+            output = torch.lstm(both, (zeros, zeros), weights, True, 1, 0.0, self.training, True, True)[0]
+            backward = output[batch:, :, hidden_size:].gather(1, to_left.expand(-1, -1, hidden_size))
+            layer_input = torch.cat([output[:batch, :, :hidden_size], backward], dim=-1)
+        rows_index = torch.arange(batch, device=embedded.device)
+        final = layer_input[rows_index, lengths - 1, :hidden_size]
+        if bidirectional:
+            final = torch.cat([final, layer_input[:, 0, hidden_size:]], dim=-1)
+        return final
 
     def _padded_final(self, embedded: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         batch, steps, _ = embedded.shape

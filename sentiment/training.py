@@ -4,7 +4,9 @@ save state each epoch for ``--resume``, evaluate the best model on test.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -14,7 +16,7 @@ import signal
 import string
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -23,13 +25,14 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import AutocastKwargs, broadcast_object_list, set_seed
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from sentiment.batching import make_dataloader
 from sentiment.config import ConfigError, TrainConfig
+from sentiment.graphs import GraphedTrainStep
 from sentiment.hub import push_checkpoint, require_push_access, write_model_card
 from sentiment.model import LSTMClassifier
 from sentiment.prepare import PreparedData, prepare_data
@@ -53,6 +56,56 @@ def _existing_dir(final: Path) -> Path | None:
     """``final``, or its ``.old`` copy when a crash struck between the two renames of ``replace_dir``."""
     old = final.with_name(final.name + ".old")
     return final if final.is_dir() else old if old.is_dir() else None
+
+
+class SaveError(RuntimeError):
+    """The disk (or the quota) ran full while saving; the partial files were removed, the last complete
+    ``best/`` and ``state/`` kept."""
+
+
+def _disk_full(err: BaseException, folder: Path) -> str | None:
+    """Why ``err`` looks like a full disk, or None. torch.save reports one as an opaque RuntimeError ("unexpected
+    pos ..."), safetensors as "os error 28": when the error does not say, the free space on ``folder``'s disk does."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return err.strerror
+    for text in ("No space left on device", "Disk quota exceeded"):
+        if text in str(err):
+            return text
+    try:
+        disk = os.statvfs(folder)
+    except OSError:
+        return None
+    free = disk.f_bavail * disk.f_frsize
+    return f"{type(err).__name__} with {free} bytes free on the disk" if free < 2**20 else None
+
+
+@contextlib.contextmanager
+def _saving(output_dir: Path, target: Path, clean_up: bool = True) -> Iterator[None]:
+    """Write ``target`` of the run in ``output_dir``: on a full disk remove the temporary files (``clean_up``: on
+    the process that writes them) and raise a ``SaveError`` saying what was kept and what to do."""
+    try:
+        yield
+    except Exception as err:
+        reason = _disk_full(err, output_dir)
+        if reason is None:
+            raise
+        if clean_up:
+            for partial in [*output_dir.glob(".*.tmp*"), *output_dir.glob("best/.*.tmp")]:
+                shutil.rmtree(partial, ignore_errors=True) if partial.is_dir() else partial.unlink(missing_ok=True)
+        best, state = _existing_dir(output_dir / "best"), _existing_dir(output_dir / "state")
+        saved = {"the last complete checkpoint": best, "the state": state}
+        kept = " and ".join(f"{what} in {where}" for what, where in saved.items() if where is not None)
+        kept = f"{kept} {'are' if best and state else 'is'} intact" if kept else "nothing was saved yet"
+        then = (
+            f"continue with the same command and --resume --output_dir {output_dir} (or copy {output_dir} to a disk "
+            "with room and resume there)"
+            if state is not None
+            else "start the run again with --overwrite (or pick an --output_dir on a disk with room)"
+        )
+        raise SaveError(
+            f"disk full while writing {target} ({reason}). The partial files were removed; {kept}. Free space on "
+            f"that disk, then {then}"
+        ) from err
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -137,21 +190,30 @@ def train_epoch(
     start_step: int = 0,
     partial_totals: list[float] | None = None,
     after_step: Callable[[int, torch.Tensor], None] | None = None,
+    graph_step: GraphedTrainStep | None = None,
 ) -> dict[str, float]:
     """One pass over this process's batches of ``epoch``; loss and accuracy over all processes' examples.
 
     Figures accumulate on the device (no host sync per step); the bar shows the loss every 50 steps. An epoch
     interrupted after ``start_step`` steps continues from there, with the figures summed so far
     (``partial_totals``, over all processes). ``after_step(steps_done, totals)`` runs after every step.
+    ``graph_step`` replays each step from a CUDA graph (batches of fixed shapes, see :mod:`sentiment.graphs`).
     """
     model.train()
     loader.batch_sampler.set_epoch(epoch, skip_batches=start_step)
     device = accelerator.device
-    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    totals = torch.zeros(3, dtype=torch.float64, device=device) if graph_step is None else graph_step.totals.zero_()
     if partial_totals is not None and accelerator.is_main_process:  # summed over processes: counted once
         totals += torch.tensor(partial_totals, dtype=torch.float64, device=device)
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not accelerator.is_main_process, leave=False)
     for step, batch in enumerate(bar, start=start_step):
+        if graph_step is not None:
+            graph_step.step(batch)
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{(totals[0] / totals[2]).item():.4f}")
+            if after_step is not None:
+                after_step(step + 1, totals)
+            continue
         labels = batch["labels"].to(device, non_blocking=True)
         logits = model(batch["input_ids"].to(device, non_blocking=True), batch["lengths"])
         loss = F.binary_cross_entropy_with_logits(logits.float(), labels)
@@ -232,6 +294,22 @@ class StopSignal:
         self._previous.clear()
 
 
+def _use_cuda_graphs(cfg: TrainConfig, accelerator: Accelerator) -> bool:
+    """Whether training steps replay from CUDA graphs: ``cuda_graphs`` on, one CUDA process, a padded path."""
+    if not cfg.cuda_graphs or accelerator.device.type != "cuda":
+        return False
+    reasons = []
+    if accelerator.num_processes > 1:
+        reasons.append("several processes (DDP)")
+    if cfg.rnn_input == "packed":
+        reasons.append("rnn_input packed (packed batches change shape every step; use auto, fused or padded)")
+    if cfg.mixed_precision == "fp16":
+        reasons.append("fp16 (its gradient scaler syncs with the host; use bf16)")
+    if reasons and accelerator.is_main_process:
+        logger.info("CUDA graphs off: %s", "; ".join(reasons))
+    return not reasons
+
+
 def train(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None) -> dict[str, Any]:
     """Train ``cfg`` end to end and return the final metrics (also written to ``output_dir/metrics.json``).
 
@@ -239,7 +317,9 @@ def train(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None) -> dict[s
     reads ``record["valid_acc"]`` there); an exception it raises stops the run, after the trackers are closed.
     """
     accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision, log_with="wandb" if cfg.report_to == "wandb" else None
+        mixed_precision=cfg.mixed_precision,
+        log_with="wandb" if cfg.report_to == "wandb" else None,
+        kwargs_handlers=[AutocastKwargs(cache_enabled=False)],  # CUDA graphs must not keep autocast's weight copies
     )
     try:
         return _train(accelerator, cfg, on_epoch_end)
@@ -268,7 +348,8 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
         data = PreparedData.load(cfg.prepared) if cfg.prepared else prepare_data(cfg)
     resolved = dataclasses.replace(cfg, output_dir=str(output_dir), **data.data_config())
     if accelerator.is_main_process:
-        resolved.save(output_dir / "config.yaml")
+        with _saving(output_dir, output_dir / "config.yaml"):
+            resolved.save(output_dir / "config.yaml")
         logger.info(
             "data: %s; vocabulary %d; GloVe coverage %s",
             data.info["sizes"],
@@ -292,12 +373,17 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
     )
     if data.embeddings is not None:
         model.load_embeddings(torch.from_numpy(data.embeddings))
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    use_graphs = _use_cuda_graphs(cfg, accelerator)
+    optimizer = torch.optim.Adam(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, **({"capturable": True} if use_graphs else {})
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
 
     shard = {"num_replicas": accelerator.num_processes, "rank": accelerator.process_index}
     pad_id = data.info["pad_id"]
-    train_loader = make_dataloader(data.splits["train"], cfg.batch_size, pad_id, train=True, seed=cfg.seed, **shard)
+    train_loader = make_dataloader(
+        data.splits["train"], cfg.batch_size, pad_id, train=True, seed=cfg.seed, fixed_shapes=use_graphs, **shard
+    )
     valid_loader = make_dataloader(data.splits["validation"], cfg.eval_batch_size, pad_id, train=False, **shard)
     test_loader = make_dataloader(data.splits["test"], cfg.eval_batch_size, pad_id, train=False, **shard)
 
@@ -316,6 +402,9 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
         accelerator.load_state(str(state_dir))
         state = json.loads((state_dir / TRAINER_STATE).read_text())
         logger.info("resumed from %s after epoch %d", state_dir, state["epoch"])
+    graph_step = None
+    if use_graphs:  # captured after a resume has loaded the optimizer's state: graphs hold its tensors
+        graph_step = GraphedTrainStep(accelerator.unwrap_model(model), optimizer.optimizer, cfg.max_grad_norm)
     if cfg.report_to == "wandb":
         if accelerator.is_main_process and state["wandb_run_id"] is None:
             alphabet = string.ascii_lowercase + string.digits
@@ -343,6 +432,7 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
             train_figures = train_epoch(
                 model, optimizer, train_loader, accelerator, epoch, cfg,
                 start_step=state.get("step", 0), partial_totals=state.get("partial_totals"), after_step=after_step,
+                graph_step=graph_step,
             )  # fmt: skip
             state.update(step=0, partial_totals=None)
             train_seconds = time.perf_counter() - started
@@ -374,6 +464,10 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
                 on_epoch_end(epoch + 1, record)
 
     accelerator.wait_for_everyone()
+    graph_figures = None
+    if graph_step is not None:  # training is over: give the graphs' memory back before testing
+        graph_figures = {"shapes": len(graph_step.graphs), "capture_seconds": graph_step.capture_seconds}
+        graph_step.close()
     best_dir = _existing_dir(output_dir / "best")
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.load_state_dict(load_file(best_dir / "model.safetensors"))
@@ -394,6 +488,7 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
         },
         "epoch_seconds_mean": sum(h["epoch_seconds"] for h in state["history"]) / len(state["history"]),
         "num_processes": accelerator.num_processes,
+        "cuda_graphs": graph_figures,
         "history": state["history"],
     }
     accelerator.log({"test_loss": test["loss"], "test_acc": test["acc"], "best_valid_acc": best["valid_acc"]})
@@ -404,9 +499,10 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
             accelerator.get_tracker("wandb", unwrap=True).summary.update(
                 {**summary, "best_epoch": state["best_epoch"], "test_loss": test["loss"], "test_acc": test["acc"]}
             )
-        write_atomic(output_dir / "metrics.json", json.dumps(metrics, indent=2))
-        plot_curves(state["history"], output_dir / "curves.png")
-        write_model_card(output_dir / "best", output_dir, repo_id=cfg.hub_model_id)
+        with _saving(output_dir, output_dir):
+            write_atomic(output_dir / "metrics.json", json.dumps(metrics, indent=2))
+            plot_curves(state["history"], output_dir / "curves.png")
+            write_model_card(output_dir / "best", output_dir, repo_id=cfg.hub_model_id)
         logger.info(
             "best epoch %d: valid_acc %.4f; test_loss %.4f, test_acc %.4f -> %s",
             state["best_epoch"],
@@ -422,21 +518,24 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
 
 def _save_best(model: LSTMClassifier, data: PreparedData, output_dir: Path) -> None:
     tmp = output_dir / ".best.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    data.tokenizer.save(str(tmp / "tokenizer.json"))
-    replace_dir(tmp, output_dir / "best")
-    write_model_card(output_dir / "best", output_dir, results=False)
+    with _saving(output_dir, output_dir / "best"):
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        data.tokenizer.save(str(tmp / "tokenizer.json"))
+        replace_dir(tmp, output_dir / "best")
+        write_model_card(output_dir / "best", output_dir, results=False)
 
 
 def _save_state(accelerator: Accelerator, state: dict[str, Any], output_dir: Path) -> None:
     tmp = output_dir / ".state.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
-        replace_dir(tmp, output_dir / "state")
-    accelerator.wait_for_everyone()
+    # A process that fails raises without reaching the next wait_for_everyone: the launcher then ends the others.
+    with _saving(output_dir, output_dir / "state", clean_up=accelerator.is_main_process):
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
+            replace_dir(tmp, output_dir / "state")
+        accelerator.wait_for_everyone()

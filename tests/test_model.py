@@ -22,32 +22,36 @@ def padded_batch(vocab_size: int, lengths: list[int], pad_id: int = 1) -> tuple[
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("n_layers", [1, 3])
 def test_packed_and_padded_paths_agree(bidirectional: bool, n_layers: int) -> None:
-    """The padded path (each review's state at its true last token, backward direction on a reversed copy)
-    computes the same logits and gradients as nn.LSTM on packed sequences."""
+    """The padded path (each review's state at its true last token, backward direction on a reversed copy) and
+    the fused path (one call per layer, BiLSTM batch doubled with a right-aligned copy) compute the same logits
+    and gradients as nn.LSTM on packed sequences."""
     torch.manual_seed(0)
     model = LSTMClassifier(50, 8, 12, n_layers, bidirectional, dropout=0.3).double().eval()
     ids, lengths = padded_batch(50, [9, 1, 4, 9, 6, 2])
     results = []
-    for rnn_input in ("packed", "padded"):
+    for rnn_input in ("packed", "padded", "fused"):
         model.rnn_input = rnn_input
         model.zero_grad()
         logits = model(ids, lengths)
         (logits**2).sum().backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
         results.append((logits.detach(), grads))
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-10, atol=1e-12)
+    for logits, grads in results[1:]:
+        torch.testing.assert_close(results[0][0], logits, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(results[0][1], grads, rtol=1e-10, atol=1e-12)
 
 
 def test_padding_does_not_change_a_review() -> None:
     """A review scores the same alone and in a batch with longer reviews (padding is ignored)."""
     model = LSTMClassifier(40, 6, 5, 2, True, dropout=0.0).eval()
     ids, lengths = padded_batch(40, [3, 11, 7])
-    for rnn_input in ("packed", "padded"):
+    longer = torch.cat([ids, torch.full((3, 5), model.pad_id)], dim=1)  # padded further, as bucketed batches are
+    for rnn_input in ("packed", "padded", "fused"):
         model.rnn_input = rnn_input
         together = model(ids, lengths)
         alone = model(ids[:1, :3], lengths[:1])
         torch.testing.assert_close(together[:1], alone)
+        torch.testing.assert_close(model(longer, lengths), together)
 
 
 def test_output_shape_and_embedding_init() -> None:
@@ -68,7 +72,7 @@ def test_output_shape_and_embedding_init() -> None:
 
 def test_rejects_unknown_rnn_input() -> None:
     with pytest.raises(ValueError, match="rnn_input"):
-        LSTMClassifier(10, rnn_input="fused")
+        LSTMClassifier(10, rnn_input="cudnn")
 
 
 def test_save_and_load_give_identical_logits(tmp_path: Path) -> None:

@@ -1,0 +1,62 @@
+"""The CPU-sized slice of the benchmark suite, run in CI: the trainer is not slower than the plain loop of the
+report's recipe measured in the same run (a ratio, not a time), and the suite's own pieces write what they say."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.plain_loop import plain_loop
+from benchmarks.suite import Results, derived_prepared
+from sentiment.config import build_config
+from sentiment.prepare import PreparedData, prepare_data
+from sentiment.training import train
+
+MODEL = {"hidden_dim": 32, "n_layers": 2, "bidirectional": True, "dropout": 0.2, "batch_size": 16, "lr": 0.01}
+
+
+@pytest.fixture(scope="module")
+def prepared(hub_imdb: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cfg = build_config(None, {"dataset": str(hub_imdb), "num_proc": 1, "vectors": "none", "embedding_dim": 16})
+    return prepare_data(cfg).save(tmp_path_factory.mktemp("bench") / "prepared")
+
+
+def test_trainer_is_not_slower_than_the_plain_loop(prepared: Path, tmp_path: Path) -> None:
+    """Best epoch time of 3: the trainer (Accelerate loop, CPU path) within 1.5x of the plain loop."""
+    data = PreparedData.load(prepared)
+    plain = plain_loop(data, None, epochs=3, device="cpu", **MODEL)
+    metrics = train(
+        build_config(None, {"prepared": str(prepared), "epochs": 3, "output_dir": str(tmp_path / "run"),
+                            "report_to": "none", **MODEL})
+    )  # fmt: skip
+    plain_seconds = min(h["epoch_seconds"] for h in plain["history"])
+    trainer_seconds = min(h["epoch_seconds"] for h in metrics["history"])
+    print(f"CPU slice: plain loop {plain_seconds:.4f} s/epoch, trainer {trainer_seconds:.4f} s/epoch")
+    assert trainer_seconds <= 1.5 * plain_seconds, (
+        f"trainer {trainer_seconds:.3f} s/epoch vs plain loop {plain_seconds:.3f} s/epoch"
+    )
+    assert len(plain["history"]) == 3 and 0.0 <= plain["history"][-1]["valid_acc"] <= 1.0
+
+
+def test_derived_prepared_folder_cuts_reviews_and_lengths(prepared: Path, tmp_path: Path) -> None:
+    data = PreparedData.load(prepared)
+    folder = derived_prepared(data, tmp_path / "derived", train_reviews=10, max_length=5)
+    derived = PreparedData.load(folder)
+    assert len(derived.splits["train"]) == 10
+    assert derived.splits["train"].lengths.max() <= 5
+    first = data.splits["train"]
+    assert derived.splits["train"][3][0].tolist() == first[3][0][:5].tolist()
+    assert len(derived.splits["test"]) == len(data.splits["test"])
+    assert derived.info["max_length"] == 5
+
+
+def test_results_are_rewritten_after_each_row(tmp_path: Path) -> None:
+    results = Results(tmp_path / "out" / "suite")
+    results.add("train", {"config": "lstm", "s/epoch": 0.94})
+    results.add("train", {"config": "bilstm", "s/epoch": 5.5, "speed-up": 2.0})
+    saved = json.loads((tmp_path / "out" / "suite.json").read_text())
+    assert [row["config"] for row in saved["sections"]["train"]] == ["lstm", "bilstm"]
+    table = (tmp_path / "out" / "suite.md").read_text()
+    assert "| config | s/epoch | speed-up |" in table and "| bilstm | 5.5 | 2 |" in table
