@@ -26,8 +26,10 @@ from sentiment.text import (
     UNK_TOKEN,
     build_tokenizer,
     clean_text,
+    encode_joined,
     encode_tokens,
     pretokenize,
+    pretokenize_joined,
 )
 
 PROPERTY = settings(
@@ -233,6 +235,18 @@ def test_encode_pretokenized_text_one_id_per_word(text: str, lowercase: bool) ->
     [ids] = encode_tokens(tokenizer, [words])
     assert all(0 <= i < tokenizer.get_vocab_size() for i in ids)
     assert ids == ([vocab.get(normalize(tokenizer, w), UNK_ID) for w in words] or [UNK_ID]), (words, ids)
+
+
+@PROPERTY
+@example("a\xa0b c\u2003d\x1fe", True, 3)
+@given(st.one_of(REVIEW, GLUED), st.booleans(), MAX_LENGTH)
+def test_joined_words_encode_like_word_lists(text: str, lowercase: bool, max_length: int | None) -> None:
+    """The prepare path (joined words through the fast batch encoder) gives exactly the ids of the prediction path
+    (word lists, is_pretokenized), for any text, with or without lowercasing and truncation."""
+    tokenizer = corpus_tokenizer(lowercase, max_length)
+    [joined] = pretokenize_joined([text])
+    assert joined.split() == pretokenize([text])[0]
+    assert encode_joined(tokenizer, [joined]) == encode_tokens(tokenizer, pretokenize([text]))
 
 
 @FEW

@@ -275,26 +275,27 @@ def test_second_prepare_reads_the_cache(tmp_path: Path, monkeypatch: pytest.Monk
     cfg = small_config(root, max_vocab_size=30)
     cache = str(tmp_path / "cache")
     calls = Counter()
-    real_pretokenize, real_encode = sentiment.text.pretokenize, sentiment.text.encode_tokens
+    real_pretokenize, real_encode = sentiment.text.pretokenize_joined, sentiment.text.encode_joined
 
-    def counting_pretokenize(texts: list[str]) -> list[list[str]]:
+    def counting_pretokenize(texts: list[str]) -> list[str]:
         calls["pretokenize"] += len(texts)
         return real_pretokenize(texts)
 
-    def counting_encode(tokenizer: Tokenizer, token_lists: list[list[str]]) -> list[list[int]]:
-        calls["encode"] += len(token_lists)
-        return real_encode(tokenizer, token_lists)
+    def counting_encode(tokenizer: Tokenizer, joined: list[str]) -> list[list[int]]:
+        calls["encode"] += len(joined)
+        return real_encode(tokenizer, joined)
 
-    monkeypatch.setattr(sentiment.text, "pretokenize", counting_pretokenize)
-    monkeypatch.setattr(sentiment.text, "encode_tokens", counting_encode)
+    monkeypatch.setattr(sentiment.text, "pretokenize_joined", counting_pretokenize)
+    monkeypatch.setattr(sentiment.text, "encode_joined", counting_encode)
     first = prepare_data(cfg, cache_dir=cache)
     assert calls == {"pretokenize": 80, "encode": 80}  # the first run did the work, every review once
 
     def fail(*args: object) -> None:
         raise AssertionError("tokenization ran again despite the cache")
 
-    monkeypatch.setattr(sentiment.text, "pretokenize", fail)
-    monkeypatch.setattr(sentiment.text, "encode_tokens", fail)
+    monkeypatch.setattr(sentiment.text, "pretokenize_joined", fail)
+    monkeypatch.setattr(sentiment.text, "encode_joined", fail)
+    monkeypatch.setattr(sentiment.text, "_train_word_level", fail)  # the vocabulary comes from the cache too
     second = prepare_data(cfg, cache_dir=cache)
     assert second.tokenizer.get_vocab() == first.tokenizer.get_vocab()
     for name, split in first.splits.items():
