@@ -51,12 +51,19 @@ class TrainConfig:
     bidirectional: bool = False
     rnn_input: Literal["auto", "packed", "padded", "fused"] = "auto"
     cuda_graphs: bool = True
+    pooling: Literal["last", "max", "mean", "concat"] = "last"
+    embedding_dropout: float = 0.0
     # training
     seed: int = 42
     epochs: int = 8
     batch_size: int = 64
     eval_batch_size: int = 256
     lr: float = 1e-3
+    optimizer: Literal["adam", "adamw"] = "adam"
+    weight_decay: float = 0.0
+    lr_schedule: Literal["constant", "cosine", "onecycle"] = "constant"
+    warmup_ratio: float = 0.0
+    early_stopping_patience: int | None = None
     max_grad_norm: float | None = None
     save_steps: int | None = None
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -125,6 +132,13 @@ def _range_problems(cfg: TrainConfig) -> list[str | None]:
         check(cfg.hidden_dim >= 1, f"hidden_dim must be >= 1 (got {cfg.hidden_dim})"),
         check(cfg.n_layers >= 1, f"n_layers must be >= 1 (got {cfg.n_layers})"),
         check(0 <= cfg.dropout < 1, f"dropout must be in [0, 1) (got {cfg.dropout})"),
+        check(0 <= cfg.embedding_dropout < 1, f"embedding_dropout must be in [0, 1) (got {cfg.embedding_dropout})"),
+        check(cfg.weight_decay >= 0, f"weight_decay must be >= 0 (got {cfg.weight_decay})"),
+        check(0 <= cfg.warmup_ratio < 1, f"warmup_ratio must be in [0, 1) (got {cfg.warmup_ratio})"),
+        check(
+            cfg.early_stopping_patience is None or cfg.early_stopping_patience >= 1,
+            f"early_stopping_patience must be >= 1, or null for none (got {cfg.early_stopping_patience})",
+        ),
         check(cfg.embedding_dim >= 1, f"embedding_dim must be >= 1 (got {cfg.embedding_dim})"),
         check(cfg.max_vocab_size >= 1, f"max_vocab_size must be >= 1 (got {cfg.max_vocab_size})"),
         check(cfg.min_freq >= 1, f"min_freq must be >= 1 (got {cfg.min_freq})"),

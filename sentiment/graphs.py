@@ -86,9 +86,13 @@ class GraphedTrainStep:
         if all(self.optimizer.state.get(param) for param in params):
             self._optimizer_ready = True
             return
+        before = [param.detach().clone() for param in params]  # AdamW's decay would move them even at zero grad
         for param in params:
             param.grad = torch.zeros_like(param)
         self.optimizer.step()
+        with torch.no_grad():
+            for param, value in zip(params, before, strict=True):
+                param.copy_(value)
         for param in params:
             param.grad = None
             for value in self.optimizer.state[param].values():

@@ -1,4 +1,4 @@
-"""The model: embedding -> packed (Bi)LSTM -> final hidden state -> dropout -> linear -> one logit."""
+"""The model: embedding -> (Bi)LSTM -> final hidden state (or pooled outputs) -> dropout -> linear -> one logit."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 RNN_INPUTS = ("auto", "packed", "padded", "fused")
+POOLINGS = ("last", "max", "mean", "concat")
 
 
 class CheckpointError(ValueError):
@@ -72,11 +73,17 @@ class LSTMClassifier(
         lowercase: bool = False,
         max_length: int | None = None,
         rnn_input: str = "auto",
+        pooling: str = "last",
+        embedding_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if rnn_input not in RNN_INPUTS:
             raise ValueError(f"rnn_input must be one of {RNN_INPUTS} (got {rnn_input!r})")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS} (got {pooling!r})")
         self.rnn_input = rnn_input
+        self.pooling = pooling
+        self.embedding_dropout = embedding_dropout
         self.pad_id = pad_id
         self.lowercase = lowercase
         self.max_length = max_length
@@ -91,7 +98,8 @@ class LSTMClassifier(
             batch_first=True,
         )
         self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(hidden_dim * (2 if bidirectional else 1), 1)
+        features = hidden_dim * (2 if bidirectional else 1) * (3 if pooling == "concat" else 1)
+        self.classifier = nn.Linear(features, 1)
         self.register_state_dict_post_hook(_unshare_storage)
 
     @classmethod
@@ -122,24 +130,43 @@ class LSTMClassifier(
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Logits (B,) for right-padded ``input_ids`` (B x T) whose true lengths are ``lengths`` (B, any device)."""
-        embedded = self.dropout(self.embedding(input_ids))
+        embedded = self.embedding(input_ids)
+        if self.embedding_dropout > 0 and self.training:  # drop whole words (the same word vector in all places)
+            keep = F.dropout(embedded.new_ones(*input_ids.shape, 1), self.embedding_dropout, True)
+            embedded = embedded * keep
+        embedded = self.dropout(embedded)
         path = self.rnn_input
         if path == "auto":  # measured on an H200: fused for an LSTM, padded for a BiLSTM (docs/benchmarks.md)
             path = "fused" if embedded.is_cuda and not self.lstm.bidirectional else "padded"
         if path == "packed":
-            final = self._packed_final(embedded, lengths)
+            outputs, final = self._packed_final(embedded, lengths)
         elif path == "fused":
-            final = self._fused_final(embedded, lengths)
+            outputs, final = self._fused_final(embedded, lengths)
         else:
-            final = self._padded_final(embedded, lengths)
-        return self.classifier(self.dropout(final)).squeeze(-1)
+            outputs, final = self._padded_final(embedded, lengths)
+        return self.classifier(self.dropout(self._pool(outputs, final, lengths))).squeeze(-1)
 
-    def _packed_final(self, embedded: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def _pool(self, outputs: torch.Tensor, final: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The review's features: the final states (``last``), or the maximum or mean of the top layer's outputs
+        over the review's real tokens, or all three (``concat``)."""
+        if self.pooling == "last":
+            return final
+        lengths = lengths.to(outputs.device)
+        real = (torch.arange(outputs.shape[1], device=outputs.device).unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(-1)
+        pooled = []
+        if self.pooling in ("max", "concat"):
+            pooled.append(outputs.masked_fill(~real, float("-inf")).amax(dim=1))
+        if self.pooling in ("mean", "concat"):
+            pooled.append((outputs * real).sum(dim=1) / lengths.unsqueeze(1).to(outputs.dtype))
+        return torch.cat([final, *pooled], dim=-1) if self.pooling == "concat" else pooled[0]
+
+    def _packed_final(self, embedded: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         packed = pack_padded_sequence(embedded, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        _, (hidden, _) = self.lstm(packed)
+        output, (hidden, _) = self.lstm(packed)
+        outputs = pad_packed_sequence(output, batch_first=True, total_length=embedded.shape[1])[0]
         if self.lstm.bidirectional:
-            return torch.cat([hidden[-2], hidden[-1]], dim=-1)
-        return hidden[-1]
+            return outputs, torch.cat([hidden[-2], hidden[-1]], dim=-1)
+        return outputs, hidden[-1]
 
     def _layer_weights(self, layer: int) -> list[torch.Tensor]:
         """The weights of one layer, both directions, in ``torch.lstm``'s order."""
@@ -147,7 +174,7 @@ class LSTMClassifier(
         names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
         return [getattr(self.lstm, f"{name}_l{layer}{suffix}") for suffix in suffixes for name in names]
 
-    def _fused_final(self, embedded: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def _fused_final(self, embedded: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, steps, _ = embedded.shape
         lengths = lengths.to(embedded.device)
         hidden_size = self.lstm.hidden_size
@@ -180,9 +207,9 @@ class LSTMClassifier(
         final = layer_input[rows_index, lengths - 1, :hidden_size]
         if bidirectional:
             final = torch.cat([final, layer_input[:, 0, hidden_size:]], dim=-1)
-        return final
+        return layer_input, final
 
-    def _padded_final(self, embedded: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def _padded_final(self, embedded: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, steps, _ = embedded.shape
         lengths = lengths.to(embedded.device)
         positions = torch.arange(steps, device=embedded.device).unsqueeze(0)
@@ -215,4 +242,4 @@ class LSTMClassifier(
         final = layer_input[rows, lengths - 1, :hidden_size]
         if directions == 2:
             final = torch.cat([final, layer_input[:, 0, hidden_size:]], dim=-1)
-        return final
+        return layer_input, final

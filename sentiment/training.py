@@ -9,6 +9,7 @@ import dataclasses
 import errno
 import json
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -191,13 +192,15 @@ def train_epoch(
     partial_totals: list[float] | None = None,
     after_step: Callable[[int, torch.Tensor], None] | None = None,
     graph_step: GraphedTrainStep | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> dict[str, float]:
     """One pass over this process's batches of ``epoch``; loss and accuracy over all processes' examples.
 
     Figures accumulate on the device (no host sync per step); the bar shows the loss every 50 steps. An epoch
     interrupted after ``start_step`` steps continues from there, with the figures summed so far
     (``partial_totals``, over all processes). ``after_step(steps_done, totals)`` runs after every step.
-    ``graph_step`` replays each step from a CUDA graph (batches of fixed shapes, see :mod:`sentiment.graphs`).
+    ``graph_step`` replays each step from a CUDA graph (batches of fixed shapes, see :mod:`sentiment.graphs`);
+    ``scheduler`` steps after every optimizer step.
     """
     model.train()
     loader.batch_sampler.set_epoch(epoch, skip_batches=start_step)
@@ -209,6 +212,8 @@ def train_epoch(
     for step, batch in enumerate(bar, start=start_step):
         if graph_step is not None:
             graph_step.step(batch)
+            if scheduler is not None:
+                scheduler.step()
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{(totals[0] / totals[2]).item():.4f}")
             if after_step is not None:
@@ -222,6 +227,8 @@ def train_epoch(
             accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
         with torch.no_grad():
             totals[0] += loss.detach().double() * len(labels)
             totals[1] += ((logits.detach() > 0).float() == labels).sum()
@@ -292,6 +299,38 @@ class StopSignal:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+
+
+def build_optimizer(
+    cfg: TrainConfig, params: list[torch.nn.Parameter], capturable: bool, device: torch.device
+) -> torch.optim.Optimizer:
+    """Adam or AdamW (``optimizer``, ``weight_decay``). For CUDA graphs the optimizer is ``capturable`` and a
+    scheduled learning rate is a tensor on the device, which the scheduler updates in place (a graph reads it)."""
+    kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    if not capturable:
+        return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    lr = torch.tensor(cfg.lr, device=device) if cfg.lr_schedule != "constant" else cfg.lr
+    return kind(params, lr=lr, weight_decay=cfg.weight_decay, capturable=True)
+
+
+class LRFactor:
+    """The learning rate's factor at each optimizer step (``LambdaLR``): ``cosine`` rises linearly over the first
+    ``warmup_ratio`` of the steps, then falls to 0 along a cosine; ``onecycle`` rises from 1/25 over the first
+    ``warmup_ratio`` (0.3 when 0) of the steps, then falls along a cosine to 1/10,000 (one-cycle without the
+    momentum cycle, which CUDA graphs would not see)."""
+
+    def __init__(self, cfg: TrainConfig, total_steps: int) -> None:
+        self.kind = cfg.lr_schedule
+        ratio = cfg.warmup_ratio if cfg.warmup_ratio > 0 or self.kind != "onecycle" else 0.3
+        self.total = max(total_steps, 1)
+        self.warmup = int(ratio * self.total)
+
+    def __call__(self, step: int) -> float:
+        start, end = (0.0, 0.0) if self.kind == "cosine" else (1 / 25, 1e-4)
+        if step < self.warmup:
+            return start + (1 - start) * (step + 1) / self.warmup
+        progress = min((step - self.warmup) / max(self.total - self.warmup, 1), 1.0)
+        return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def _use_cuda_graphs(cfg: TrainConfig, accelerator: Accelerator) -> bool:
@@ -370,13 +409,13 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
         lowercase=resolved.lowercase,
         max_length=resolved.max_length,
         rnn_input=cfg.rnn_input,
+        pooling=cfg.pooling,
+        embedding_dropout=cfg.embedding_dropout,
     )
     if data.embeddings is not None:
         model.load_embeddings(torch.from_numpy(data.embeddings))
     use_graphs = _use_cuda_graphs(cfg, accelerator)
-    optimizer = torch.optim.Adam(
-        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, **({"capturable": True} if use_graphs else {})
-    )
+    optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], use_graphs, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     shard = {"num_replicas": accelerator.num_processes, "rank": accelerator.process_index}
@@ -386,6 +425,11 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
     )
     valid_loader = make_dataloader(data.splits["validation"], cfg.eval_batch_size, pad_id, train=False, **shard)
     test_loader = make_dataloader(data.splits["test"], cfg.eval_batch_size, pad_id, train=False, **shard)
+    scheduler = None
+    if cfg.lr_schedule != "constant":
+        total_steps = cfg.epochs * len(train_loader.batch_sampler.global_batches()) // accelerator.num_processes
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, LRFactor(cfg, total_steps))
+        accelerator.register_for_checkpointing(scheduler)  # saved with the state, restored by --resume
 
     stop = StopSignal()
     state: dict[str, Any] = {
@@ -402,6 +446,9 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
         accelerator.load_state(str(state_dir))
         state = json.loads((state_dir / TRAINER_STATE).read_text())
         logger.info("resumed from %s after epoch %d", state_dir, state["epoch"])
+        for group in optimizer.param_groups:  # a scheduled lr for graphs is a tensor: keep it on the device
+            if torch.is_tensor(group["lr"]):
+                group["lr"] = group["lr"].to(accelerator.device)
     graph_step = None
     if use_graphs:  # captured after a resume has loaded the optimizer's state: graphs hold its tensors
         graph_step = GraphedTrainStep(accelerator.unwrap_model(model), optimizer.optimizer, cfg.max_grad_norm)
@@ -427,12 +474,12 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
             raise TrainingStopped(output_dir, state["epoch"], steps_done)
 
     with stop:  # SIGINT/SIGTERM: save after the current step and stop (checked after each step)
-        for epoch in range(state["epoch"], cfg.epochs):
+        for epoch in range(state["epoch"], cfg.epochs if not state.get("stopped_early") else state["epoch"]):
             started = time.perf_counter()
             train_figures = train_epoch(
                 model, optimizer, train_loader, accelerator, epoch, cfg,
                 start_step=state.get("step", 0), partial_totals=state.get("partial_totals"), after_step=after_step,
-                graph_step=graph_step,
+                graph_step=graph_step, scheduler=scheduler,
             )  # fmt: skip
             state.update(step=0, partial_totals=None)
             train_seconds = time.perf_counter() - started
@@ -459,9 +506,16 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
                 if accelerator.is_main_process:
                     _save_best(accelerator.unwrap_model(model), data, output_dir)
             state["epoch"] = epoch + 1
+            patience = cfg.early_stopping_patience
+            if patience is not None and epoch + 1 - state["best_epoch"] >= patience and epoch + 1 < cfg.epochs:
+                state["stopped_early"] = True
+                if accelerator.is_main_process:
+                    logger.info("early stop: no better validation accuracy for %d epochs", patience)
             _save_state(accelerator, state, output_dir)
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1, record)
+            if state.get("stopped_early"):
+                break
 
     accelerator.wait_for_everyone()
     graph_figures = None

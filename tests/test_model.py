@@ -21,12 +21,13 @@ def padded_batch(vocab_size: int, lengths: list[int], pad_id: int = 1) -> tuple[
 
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("n_layers", [1, 3])
-def test_packed_and_padded_paths_agree(bidirectional: bool, n_layers: int) -> None:
+@pytest.mark.parametrize("pooling", ["last", "concat"])
+def test_packed_and_padded_paths_agree(bidirectional: bool, n_layers: int, pooling: str) -> None:
     """The padded path (each review's state at its true last token, backward direction on a reversed copy) and
     the fused path (one call per layer, BiLSTM batch doubled with a right-aligned copy) compute the same logits
     and gradients as nn.LSTM on packed sequences."""
     torch.manual_seed(0)
-    model = LSTMClassifier(50, 8, 12, n_layers, bidirectional, dropout=0.3).double().eval()
+    model = LSTMClassifier(50, 8, 12, n_layers, bidirectional, dropout=0.3, pooling=pooling).double().eval()
     ids, lengths = padded_batch(50, [9, 1, 4, 9, 6, 2])
     results = []
     for rnn_input in ("packed", "padded", "fused"):
@@ -43,7 +44,7 @@ def test_packed_and_padded_paths_agree(bidirectional: bool, n_layers: int) -> No
 
 def test_padding_does_not_change_a_review() -> None:
     """A review scores the same alone and in a batch with longer reviews (padding is ignored)."""
-    model = LSTMClassifier(40, 6, 5, 2, True, dropout=0.0).eval()
+    model = LSTMClassifier(40, 6, 5, 2, True, dropout=0.0, pooling="concat").eval()
     ids, lengths = padded_batch(40, [3, 11, 7])
     longer = torch.cat([ids, torch.full((3, 5), model.pad_id)], dim=1)  # padded further, as bucketed batches are
     for rnn_input in ("packed", "padded", "fused"):
@@ -70,19 +71,47 @@ def test_output_shape_and_embedding_init() -> None:
         model.load_embeddings(torch.zeros(29, 4))
 
 
-def test_rejects_unknown_rnn_input() -> None:
+def test_rejects_unknown_rnn_input_and_pooling() -> None:
     with pytest.raises(ValueError, match="rnn_input"):
         LSTMClassifier(10, rnn_input="cudnn")
+    with pytest.raises(ValueError, match="pooling"):
+        LSTMClassifier(10, pooling="attention")
+
+
+def test_embedding_dropout_drops_whole_words() -> None:
+    """In training, a dropped word's vector is zero in every dimension; kept ones are scaled by 1/(1-p); in
+    evaluation nothing is dropped."""
+    torch.manual_seed(0)
+    model = LSTMClassifier(30, 8, 4, dropout=0.0, embedding_dropout=0.5)
+    seen = {}
+    model.lstm.register_forward_hook(lambda module, args, output: seen.update(inputs=args[0]))
+    model.rnn_input = "packed"
+    ids, lengths = padded_batch(30, [40, 40])
+    model.train()(ids, lengths)
+    inputs = pad_packed_sequence_first(seen["inputs"])
+    vectors = model.embedding(ids)
+    dropped = (inputs == 0).all(dim=-1)
+    assert 0.3 < dropped.float().mean() < 0.7
+    torch.testing.assert_close(inputs[~dropped], 2 * vectors[~dropped])
+    model.eval()(ids, lengths)
+    torch.testing.assert_close(pad_packed_sequence_first(seen["inputs"]), vectors)
+
+
+def pad_packed_sequence_first(packed: torch.nn.utils.rnn.PackedSequence) -> torch.Tensor:
+    return torch.nn.utils.rnn.pad_packed_sequence(packed, batch_first=True)[0]
 
 
 def test_save_and_load_give_identical_logits(tmp_path: Path) -> None:
     """save_pretrained writes model.safetensors + config.json; from_pretrained rebuilds the same model."""
-    model = LSTMClassifier(60, 6, 9, 2, True, dropout=0.2, lowercase=True, max_length=50).eval()
+    model = LSTMClassifier(
+        60, 6, 9, 2, True, dropout=0.2, lowercase=True, max_length=50, pooling="concat", embedding_dropout=0.1
+    ).eval()
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
     assert (tmp_path / "config.json").is_file()
     loaded = LSTMClassifier.from_pretrained(tmp_path).eval()
     assert loaded.lowercase is True and loaded.max_length == 50
+    assert loaded.pooling == "concat" and loaded.embedding_dropout == 0.1
     assert loaded.lstm.bidirectional and loaded.lstm.num_layers == 2
     ids, lengths = padded_batch(60, [7, 3, 5])
     assert torch.equal(model(ids, lengths), loaded(ids, lengths))
