@@ -1,0 +1,57 @@
+"""The scripts beside the package: the report's tables and the run comparison, on real (tiny) runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_training import tiny_config
+
+from sentiment.training import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def two_runs(hub_imdb: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("runs")
+    for name, bidirectional in (("lstm", False), ("bilstm", True)):
+        train(tiny_config(hub_imdb, folder / name, epochs=1, bidirectional=bidirectional))
+    return [folder / "lstm", folder / "bilstm"]
+
+
+def test_report_tables_put_our_figures_beside_the_report(two_runs: list[Path], tmp_path: Path) -> None:
+    lstm, bilstm = two_runs
+    output = tmp_path / "tables.md"
+    args = ["--lstm_part1", lstm, "--lstm_part2", lstm, "--bilstm_part1", bilstm, "--bilstm_part2", bilstm]
+    subprocess.run([sys.executable, ROOT / "scripts" / "report_tables.py", *args, "--output", output], check=True)
+    text = output.read_text()
+    ours = json.loads((bilstm / "metrics.json").read_text())
+    test_row = next(line for line in text.splitlines()[::-1] if line.startswith("| Test Accuracy"))
+    assert f"{ours['test_acc']:.4f}" in test_row and "0.8914" in test_row  # ours, then the report's Bonus Part2
+    assert text.count("| Test Accuracy") == 2 and "Bonus Part1 (report)" in text
+
+
+def test_report_tables_name_runs_without_metrics(tmp_path: Path) -> None:
+    args = [str(tmp_path / "missing")] * 4
+    flags = [x for pair in zip(["--lstm_part1", "--lstm_part2", "--bilstm_part1", "--bilstm_part2"], args, strict=True)
+             for x in pair]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, ROOT / "scripts" / "report_tables.py", *flags, "--output", tmp_path / "t.md"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0 and "no metrics.json" in result.stderr and "missing" in result.stderr
+
+
+def test_compare_runs_tabulates_each_run(two_runs: list[Path]) -> None:
+    result = subprocess.run(
+        [sys.executable, ROOT / "scripts" / "compare_runs.py", *two_runs], capture_output=True, text=True, check=True
+    )
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| lstm | 1 | 8 x 1 = 8 |")
+    bilstm = json.loads((two_runs[1] / "metrics.json").read_text())
+    assert f"{bilstm['test_acc']:.4f}" in lines[3]
