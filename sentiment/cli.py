@@ -18,6 +18,8 @@ commands:
   train     train an LSTM/BiLSTM (also: accelerate launch scripts/train.py ...)
   prepare   tokenize, encode and save the splits, tokenizer.json and embeddings to --output_dir,
             for training elsewhere with --prepared DIR
+  pretrain  train the embedding + LSTM as a language model on train + unlabelled reviews (with_unsupervised),
+            for a classifier to start from with --init_from RUN/best (configs/pretrain_lm.yaml)
   sweep     SWEEP.yaml [--count N] [--workers N] [--gpus N] [--storage URL] [--sweep_dir DIR] [--sampler_seed N]
             [--key=value ...]: run (or continue) a W&B sweep file offline with Optuna
   report    SWEEP_DIR [--storage URL]: regenerate a sweep's table (CSV, Markdown) and plots
@@ -57,6 +59,14 @@ def train_main(args: list[str]) -> int:
     except SaveError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    return 0
+
+
+def pretrain_main(args: list[str]) -> int:
+    """``sentiment pretrain``: language-model pretraining (sentiment/pretrain.py)."""
+    from sentiment.pretrain import pretrain
+
+    pretrain(_config_from_args(args))
     return 0
 
 
@@ -236,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {
         "train": train_main,
         "prepare": prepare_main,
+        "pretrain": pretrain_main,
         "sweep": sweep_main,
         "report": report_main,
         "predict": predict_main,

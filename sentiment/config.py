@@ -33,6 +33,7 @@ class TrainConfig:
     valid_fraction: float | None = None
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+    with_unsupervised: bool = False
     num_proc: int | None = None
     # text
     lowercase: bool = False
@@ -51,6 +52,7 @@ class TrainConfig:
     bidirectional: bool = False
     rnn_input: Literal["auto", "packed", "padded", "fused"] = "auto"
     cuda_graphs: bool = True
+    init_from: str | None = None
     pooling: Literal["last", "max", "mean", "concat"] = "last"
     embedding_dropout: float = 0.0
     # training
@@ -64,6 +66,7 @@ class TrainConfig:
     lr_schedule: Literal["constant", "cosine", "onecycle"] = "constant"
     warmup_ratio: float = 0.0
     early_stopping_patience: int | None = None
+    bptt: int = 70
     max_grad_norm: float | None = None
     save_steps: int | None = None
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -110,6 +113,7 @@ DATA_KEYS = (
     "valid_fraction",
     "max_train_samples",
     "max_eval_samples",
+    "with_unsupervised",
     "lowercase",
     "max_length",
     "max_vocab_size",
@@ -133,6 +137,7 @@ def _range_problems(cfg: TrainConfig) -> list[str | None]:
         check(cfg.n_layers >= 1, f"n_layers must be >= 1 (got {cfg.n_layers})"),
         check(0 <= cfg.dropout < 1, f"dropout must be in [0, 1) (got {cfg.dropout})"),
         check(0 <= cfg.embedding_dropout < 1, f"embedding_dropout must be in [0, 1) (got {cfg.embedding_dropout})"),
+        check(cfg.bptt >= 2, f"bptt must be >= 2 (got {cfg.bptt})"),
         check(cfg.weight_decay >= 0, f"weight_decay must be >= 0 (got {cfg.weight_decay})"),
         check(0 <= cfg.warmup_ratio < 1, f"warmup_ratio must be in [0, 1) (got {cfg.warmup_ratio})"),
         check(

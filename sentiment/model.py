@@ -33,6 +33,19 @@ def _unshare_storage(module: nn.Module, state_dict: dict, prefix: str, local_met
             state_dict[name] = tensor.detach().clone()
 
 
+def load_checkpoint(cls: type, what: str, path: str | Path, hint: str, **kwargs: Any) -> Any:
+    """``PyTorchModelHubMixin.from_pretrained`` for ``cls`` (a folder or hub id), with stdout kept for results;
+    any failure becomes a ``CheckpointError`` naming ``what`` could not be loaded, why, and ``hint``."""
+    try:
+        # huggingface_hub prints "Loading weights from local directory" to stdout.
+        with contextlib.redirect_stdout(io.StringIO()):
+            return PyTorchModelHubMixin.from_pretrained.__func__(cls, path, **kwargs)
+    except Exception as err:
+        raise CheckpointError(
+            f"could not load {what} from {path} ({type(err).__name__}: {str(err)[:300]}). {hint}"
+        ) from err
+
+
 class LSTMClassifier(
     nn.Module,
     PyTorchModelHubMixin,
@@ -106,17 +119,11 @@ class LSTMClassifier(
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> LSTMClassifier:
         """Load a checkpoint folder (``model.safetensors`` + ``config.json``) or hub id; a clear error if it
         cannot be read."""
-        try:
-            # huggingface_hub prints "Loading weights from local directory" to stdout; keep stdout for results.
-            with contextlib.redirect_stdout(io.StringIO()):
-                return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        except Exception as err:
-            raise CheckpointError(
-                f"could not load an LSTMClassifier from {pretrained_model_name_or_path} ({type(err).__name__}: "
-                f"{str(err)[:300]}). Point at a folder written by training (runs/NAME/best, holding "
-                "model.safetensors and config.json) or at a hub id you can reach; re-create a damaged checkpoint "
-                "by training again"
-            ) from err
+        hint = (
+            "Point at a folder written by training (runs/NAME/best, holding model.safetensors and config.json) or "
+            "at a hub id you can reach; re-create a damaged checkpoint by training again"
+        )
+        return load_checkpoint(cls, "an LSTMClassifier", pretrained_model_name_or_path, hint, **kwargs)
 
     def load_embeddings(self, weight: torch.Tensor) -> None:
         """Copy pretrained vectors (vocab_size x embedding_dim) into the embedding."""

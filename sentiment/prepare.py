@@ -85,7 +85,8 @@ class PreparedData:
             raise PreparedDataError(
                 f"prepared folder {folder} lacks {', '.join(missing)}; run `sentiment prepare` again"
             )
-        splits = {s: EncodedSplit.from_arrow(pq.read_table(folder / f"{s}.parquet")) for s in SPLITS}
+        names = [*SPLITS, *(["unsupervised"] if (folder / "unsupervised.parquet").is_file() else [])]
+        splits = {s: EncodedSplit.from_arrow(pq.read_table(folder / f"{s}.parquet")) for s in names}
         embeddings_path = folder / "embeddings.safetensors"
         embeddings = load_file(embeddings_path)["embeddings"] if embeddings_path.is_file() else None
         return cls(splits, Tokenizer.from_file(str(folder / "tokenizer.json")), embeddings, info)
@@ -110,6 +111,13 @@ def prepare_data(cfg: TrainConfig, cache_dir: str | None = None) -> PreparedData
         max_train_samples=cfg.max_train_samples,
         max_eval_samples=cfg.max_eval_samples,
     )
+    if cfg.with_unsupervised:  # for language-model pretraining; never used by the classifier
+        if "unsupervised" not in raw:
+            raise PreparedDataError(
+                f"with_unsupervised: {cfg.dataset} has no unsupervised split (IMDB's 50,000 unlabelled reviews); "
+                "point --dataset at a copy that has it, or set with_unsupervised: false"
+            )
+        splits["unsupervised"] = raw["unsupervised"]
     num_proc = cfg.num_proc or min(os.cpu_count() or 1, 8)
     tokenized = pretokenize_splits(splits, num_proc=num_proc)
     tokenizer = build_vocabulary(tokenized["train"], cfg.max_vocab_size, cfg.min_freq, cfg.lowercase, cfg.max_length)
@@ -120,7 +128,9 @@ def prepare_data(cfg: TrainConfig, cache_dir: str | None = None) -> PreparedData
     info["vocab_size"] = tokenizer.get_vocab_size()
     info["pad_id"] = PAD_ID
     info["sizes"] = {name: len(split) for name, split in arrays.items()}
-    info["positive_fraction"] = {name: float(split.labels.mean()) for name, split in arrays.items()}
+    info["positive_fraction"] = {
+        name: float(split.labels.mean()) for name, split in arrays.items() if name != "unsupervised"
+    }
     info["tokens"] = {name: int(split.lengths.sum()) for name, split in arrays.items()}
     embeddings = None
     if cfg.vectors.lower() != "none":

@@ -241,16 +241,21 @@ def train_epoch(
     return {"loss": totals[0].item() / totals[2].item(), "acc": totals[1].item() / totals[2].item()}
 
 
-def plot_curves(history: list[dict[str, float]], path: Path) -> None:
-    """Loss and accuracy per epoch, train against validation, as a PNG."""
+def plot_curves(
+    history: list[dict[str, float]],
+    path: Path,
+    panels: tuple[tuple[str, str], ...] = (("loss", "Loss (BCE)"), ("acc", "Accuracy")),
+) -> None:
+    """Per epoch, train against validation, one panel per ``(metric, title)`` (``train_<metric>`` and
+    ``valid_<metric>`` of each record; loss and accuracy by default), as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     epochs = [h["epoch"] for h in history]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, metric, title in ((axes[0], "loss", "Loss (BCE)"), (axes[1], "acc", "Accuracy")):
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (metric, title) in zip(axes[0], panels, strict=True):
         ax.plot(epochs, [h[f"train_{metric}"] for h in history], "o-", label="train")
         ax.plot(epochs, [h[f"valid_{metric}"] for h in history], "o-", label="validation")
         ax.set_xlabel("epoch")
@@ -414,6 +419,12 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
     )
     if data.embeddings is not None:
         model.load_embeddings(torch.from_numpy(data.embeddings))
+    if cfg.init_from:
+        from sentiment.pretrain import init_from_language_model
+
+        init_from_language_model(model, cfg.init_from, data)
+        if accelerator.is_main_process:
+            logger.info("embedding and LSTM weights from the language model %s", cfg.init_from)
     use_graphs = _use_cuda_graphs(cfg, accelerator)
     optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], use_graphs, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)

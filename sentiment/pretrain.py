@@ -1,0 +1,250 @@
+"""Language-model pretraining: the classifier's embedding + LSTM encoder trained to predict the next word on the
+training and unlabelled reviews, to start the classifier from (``init_from``).
+
+The reviews (train + ``unsupervised``, encoded with the classifier's vocabulary) are laid end to end and cut
+into ``batch_size`` parallel streams; each step reads ``bptt`` tokens of every stream, carrying the LSTM state
+from one window to the next (truncated backpropagation through time). The output layer is the embedding
+matrix itself (tied weights) after a projection to the embedding size. Validation perplexity is measured on the
+classifier's validation reviews; the best epoch is saved to ``output_dir/best`` with ``tokenizer.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+from tqdm.auto import tqdm
+
+from sentiment.config import ConfigError, TrainConfig
+from sentiment.model import CheckpointError, LSTMClassifier, load_checkpoint
+from sentiment.prepare import PreparedData, prepare_data
+from sentiment.training import plot_curves, replace_dir, write_atomic
+
+logger = logging.getLogger(__name__)
+
+
+class LSTMLanguageModel(
+    nn.Module, PyTorchModelHubMixin, library_name="sentiment-lstm", tags=["language-model", "lstm", "imdb"]
+):
+    """Embedding -> LSTM -> projection to the embedding size -> logits through the (tied) embedding matrix."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        embedding_dim: int = 50,
+        hidden_dim: int = 100,
+        n_layers: int = 1,
+        dropout: float = 0.3,
+        pad_id: int = 1,
+    ) -> None:
+        super().__init__()
+        self.pad_id = pad_id
+        self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=pad_id)
+        self.lstm = nn.LSTM(
+            embedding_dim, hidden_dim, num_layers=n_layers, dropout=dropout if n_layers > 1 else 0.0, batch_first=True
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.projection = nn.Linear(hidden_dim, embedding_dim)
+        self.decoder_bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(
+        self, input_ids: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Next-word logits (B x T x vocab) for ``input_ids`` (B x T), and the LSTM state after the last step."""
+        outputs, state = self.lstm(self.dropout(self.embedding(input_ids)), state)
+        features = self.dropout(self.projection(outputs))
+        return F.linear(features, self.embedding.weight, self.decoder_bias), state
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> LSTMLanguageModel:
+        """Load a folder written by ``pretrain`` (or a hub id); a clear error if it cannot be read."""
+        hint = "Point init_from at the best/ folder of a `sentiment pretrain` run"
+        return load_checkpoint(cls, "a language model", pretrained_model_name_or_path, hint, **kwargs)
+
+
+def token_streams(splits: list[Any], streams: int) -> torch.Tensor:
+    """The reviews of ``splits`` (EncodedSplit) end to end, cut into ``streams`` rows of equal length."""
+    ids = np.concatenate([split.token_ids for split in splits])
+    length = len(ids) // streams
+    if length < 2:
+        raise ConfigError(f"{len(ids)} tokens cannot fill {streams} streams of 2 or more; lower batch_size")
+    return torch.from_numpy(ids[: length * streams].reshape(streams, length).astype(np.int64))
+
+
+def run_stream(
+    model: nn.Module,
+    stream: torch.Tensor,
+    bptt: int,
+    accelerator: Accelerator,
+    optimizer: torch.optim.Optimizer | None = None,
+    max_grad_norm: float | None = None,
+    desc: str = "",
+) -> tuple[float, int]:
+    """One pass over ``stream`` (rows x length) in windows of ``bptt``: training when ``optimizer`` is given, else
+    evaluation. Returns the mean next-word loss over all processes and the number of predicted tokens."""
+    training = optimizer is not None
+    model.train(training)
+    totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    state = None
+    starts = range(0, stream.shape[1] - 1, bptt)
+    bar = tqdm(starts, desc=desc, disable=not accelerator.is_main_process, leave=False)
+    with torch.set_grad_enabled(training):
+        for start in bar:
+            window = stream[:, start : start + bptt + 1].to(accelerator.device, non_blocking=True)
+            inputs, targets = window[:, :-1], window[:, 1:]
+            logits, state = model(inputs, state)
+            state = tuple(s.detach() for s in state)
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+            if training:
+                accelerator.backward(loss)
+                if max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            totals += torch.stack([loss.detach().double() * targets.numel(), totals.new_tensor(targets.numel())])
+    totals = accelerator.reduce(totals, reduction="sum")
+    return totals[0].item() / totals[1].item(), int(totals[1].item())
+
+
+def pretrain(cfg: TrainConfig) -> dict[str, Any]:
+    """Pretrain the language model of ``cfg`` (embedding and LSTM sizes, ``bptt``, epochs, lr, ...) and return
+    its metrics (also in ``output_dir/metrics.json``): per-epoch train and validation loss and perplexity, and
+    tokens per second."""
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    try:
+        return _pretrain(accelerator, cfg)
+    finally:
+        AcceleratorState._reset_state()
+
+
+def _pretrain(accelerator: Accelerator, cfg: TrainConfig) -> dict[str, Any]:
+    output_dir = Path(cfg.output_dir or Path("runs") / (cfg.run_name or "pretrain-lm"))
+    if output_dir.exists() and any(output_dir.iterdir()) and not cfg.overwrite:
+        raise ConfigError(f"output_dir {output_dir} already holds files; pass --overwrite or another --output_dir")
+    if accelerator.is_main_process:
+        shutil.rmtree(output_dir, ignore_errors=True)
+        output_dir.mkdir(parents=True)
+    with accelerator.main_process_first():
+        data = PreparedData.load(cfg.prepared) if cfg.prepared else prepare_data(cfg)
+    if "unsupervised" not in data.splits:
+        logger.warning("no unsupervised split in the data (with_unsupervised: false): pretraining on train only")
+    resolved = dataclasses.replace(cfg, output_dir=str(output_dir), **data.data_config())
+    if accelerator.is_main_process:
+        resolved.save(output_dir / "config.yaml")
+
+    set_seed(cfg.seed)
+    model = LSTMLanguageModel(
+        vocab_size=data.tokenizer.get_vocab_size(),
+        embedding_dim=resolved.embedding_dim,
+        hidden_dim=cfg.hidden_dim,
+        n_layers=cfg.n_layers,
+        dropout=cfg.dropout,
+        pad_id=data.info["pad_id"],
+    )
+    if data.embeddings is not None:
+        with torch.no_grad():
+            model.embedding.weight.copy_(torch.from_numpy(data.embeddings))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    corpus = [data.splits["train"], *([data.splits["unsupervised"]] if "unsupervised" in data.splits else [])]
+    streams = token_streams(corpus, cfg.batch_size * accelerator.num_processes)
+    streams = streams[accelerator.process_index :: accelerator.num_processes]  # each process its own rows
+    valid = token_streams([data.splits["validation"]], cfg.eval_batch_size * accelerator.num_processes)
+    valid = valid[accelerator.process_index :: accelerator.num_processes]
+
+    history: list[dict[str, float]] = []
+    best_loss = math.inf
+    for epoch in range(cfg.epochs):
+        started = time.perf_counter()
+        train_loss, tokens = run_stream(
+            model, streams, cfg.bptt, accelerator, optimizer, cfg.max_grad_norm, f"epoch {epoch + 1}/{cfg.epochs}"
+        )
+        seconds = time.perf_counter() - started
+        valid_loss, _ = run_stream(model, valid, cfg.bptt, accelerator, desc="validation")
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "train_perplexity": math.exp(train_loss),
+            "valid_loss": valid_loss,
+            "valid_perplexity": math.exp(valid_loss),
+            "epoch_seconds": seconds,
+            "tokens_per_second": tokens / seconds,
+        }
+        history.append(record)
+        if accelerator.is_main_process:
+            logger.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch"))
+            if valid_loss < best_loss:
+                best_loss = valid_loss
+                tmp = output_dir / ".best.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                accelerator.unwrap_model(model).save_pretrained(tmp)
+                data.tokenizer.save(str(tmp / "tokenizer.json"))
+                replace_dir(tmp, output_dir / "best")
+    best = min(history, key=lambda h: h["valid_loss"])
+    metrics = {
+        "best_epoch": best["epoch"],
+        "valid_loss": best["valid_loss"],
+        "valid_perplexity": best["valid_perplexity"],
+        "tokens_per_second": sum(h["tokens_per_second"] for h in history) / len(history),
+        "train_tokens": int(sum(len(split.token_ids) for split in corpus)),
+        "num_processes": accelerator.num_processes,
+        "history": history,
+    }
+    if accelerator.is_main_process:
+        write_atomic(output_dir / "metrics.json", json.dumps(metrics, indent=2))
+        panels = (("loss", "Loss (cross-entropy)"), ("perplexity", "Perplexity"))
+        plot_curves(history, output_dir / "curves.png", panels)
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def init_from_language_model(classifier: LSTMClassifier, checkpoint: str | Path, data: PreparedData) -> None:
+    """Copy a pretrained language model's embedding and LSTM weights into ``classifier``. A BiLSTM gets them in
+    its forward direction; its upper layers' inputs from the backward direction start at zero, so at first the
+    forward direction computes exactly the language model's features. The vocabulary and the sizes must match;
+    the error says which does not."""
+    language_model = LSTMLanguageModel.from_pretrained(checkpoint)
+    tokenizer_file = Path(checkpoint) / "tokenizer.json"
+    if (
+        tokenizer_file.is_file()
+        and json.loads(tokenizer_file.read_text())["model"]["vocab"]
+        != json.loads(data.tokenizer.to_str())["model"]["vocab"]
+    ):
+        raise CheckpointError(
+            f"init_from {checkpoint}: its vocabulary differs from this run's. Pretrain on the same prepared data "
+            "(--prepared) or with the same data settings"
+        )
+    lm, cl = language_model.lstm, classifier.lstm
+    for name, lm_size, cl_size in (
+        ("embedding size", language_model.embedding.weight.shape, classifier.embedding.weight.shape),
+        ("hidden_dim", lm.hidden_size, cl.hidden_size),
+        ("n_layers", lm.num_layers, cl.num_layers),
+    ):
+        if lm_size != cl_size:
+            raise CheckpointError(f"init_from {checkpoint}: {name} is {lm_size} there and {cl_size} here")
+    with torch.no_grad():
+        classifier.embedding.weight.copy_(language_model.embedding.weight)
+        for layer in range(lm.num_layers):
+            for kind in ("weight_hh", "bias_ih", "bias_hh"):
+                getattr(cl, f"{kind}_l{layer}").copy_(getattr(lm, f"{kind}_l{layer}"))
+            source, target = getattr(lm, f"weight_ih_l{layer}"), getattr(cl, f"weight_ih_l{layer}")
+            if target.shape == source.shape:
+                target.copy_(source)
+            else:  # a BiLSTM's upper layer also reads the backward direction: start it from the forward one alone
+                target[:, : source.shape[1]].copy_(source)
+                target[:, source.shape[1] :].zero_()

@@ -1,0 +1,109 @@
+"""Language-model pretraining: the model (tied output), the pretraining run on the fixtures (train + unlabelled
+reviews), and a classifier started from it (``init_from``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_split
+from test_text import write_hub
+from test_training import tiny_config
+
+from sentiment.batching import EncodedSplit
+from sentiment.config import ConfigError
+from sentiment.model import CheckpointError, LSTMClassifier
+from sentiment.prepare import PreparedData, PreparedDataError, prepare_data
+from sentiment.pretrain import LSTMLanguageModel, init_from_language_model, pretrain, token_streams
+from sentiment.training import train
+
+LM = {"with_unsupervised": True, "vectors": "none", "embedding_dim": 16, "hidden_dim": 16, "n_layers": 2,
+      "batch_size": 4, "eval_batch_size": 2, "bptt": 8, "lr": 0.01, "dropout": 0.1}  # fmt: skip
+
+
+def test_output_layer_is_the_embedding(tmp_path: Path) -> None:
+    """The logits are the projected LSTM outputs times the embedding matrix (plus a bias): the output's gradient
+    reaches the embedding rows of words that were never input; save/load gives the same logits."""
+    torch.manual_seed(0)
+    model = LSTMLanguageModel(30, 6, 10, 2, dropout=0.0).eval()
+    ids = torch.randint(2, 10, (3, 7))
+    logits, (hidden, _) = model(ids)
+    assert logits.shape == (3, 7, 30) and hidden.shape == (2, 3, 10)
+    logits[..., 25].sum().backward()  # word 25 is never an input
+    assert model.embedding.weight.grad[25].abs().sum() > 0
+    model.save_pretrained(tmp_path)
+    loaded = LSTMLanguageModel.from_pretrained(tmp_path).eval()
+    assert torch.equal(loaded(ids)[0], model(ids)[0])
+
+
+def test_token_streams_lay_reviews_end_to_end() -> None:
+    first = EncodedSplit(np.arange(10), np.array([0, 4, 10]), np.array([0, 1]))
+    second = EncodedSplit(np.arange(10, 13), np.array([0, 3]), np.array([-1]))
+    assert token_streams([first, second], 3).tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    with pytest.raises(ConfigError, match="lower batch_size"):
+        token_streams([first], 8)
+
+
+@pytest.fixture(scope="module")
+def pretrained(hub_imdb: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    folder = tmp_path_factory.mktemp("lm")
+    prepare_data(tiny_config(hub_imdb, folder, **LM)).save(folder / "prepared")
+    cfg = tiny_config(hub_imdb, folder / "run", prepared=str(folder / "prepared"), epochs=4, **LM)
+    return folder / "prepared", folder / "run", pretrain(cfg)
+
+
+def test_pretraining_learns_and_saves_the_best_epoch(pretrained: tuple[Path, Path, dict]) -> None:
+    prepared, run, metrics = pretrained
+    history = metrics["history"]
+    assert history[-1]["valid_perplexity"] < history[0]["valid_perplexity"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    data = PreparedData.load(prepared)
+    assert "unsupervised" in data.splits and len(data.splits["unsupervised"]) == 20
+    assert metrics["train_tokens"] == len(data.splits["train"].token_ids) + len(data.splits["unsupervised"].token_ids)
+    assert metrics["tokens_per_second"] > 0
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in (run / "best").iterdir()}
+    assert (run / "curves.png").stat().st_size > 0
+    assert json.loads((run / "metrics.json").read_text())["best_epoch"] == metrics["best_epoch"]
+
+
+def test_classifier_starts_from_the_language_model(
+    pretrained: tuple[Path, Path, dict], hub_imdb: Path, tmp_path: Path
+) -> None:
+    """init_from copies the embedding and every LSTM layer into the classifier (a BiLSTM's forward direction);
+    training from there runs and records it."""
+    prepared, run, _ = pretrained
+    data = PreparedData.load(prepared)
+    language_model = LSTMLanguageModel.from_pretrained(run / "best")
+    classifier = LSTMClassifier(data.tokenizer.get_vocab_size(), 16, 16, 2, bidirectional=True)
+    reverse_before = classifier.lstm.weight_hh_l1_reverse.clone()
+    init_from_language_model(classifier, run / "best", data)
+    assert torch.equal(classifier.embedding.weight, language_model.embedding.weight)
+    assert torch.equal(classifier.lstm.weight_ih_l0, language_model.lstm.weight_ih_l0)
+    assert torch.equal(classifier.lstm.weight_hh_l1, language_model.lstm.weight_hh_l1)
+    assert torch.equal(classifier.lstm.weight_ih_l1[:, :16], language_model.lstm.weight_ih_l1)
+    assert not classifier.lstm.weight_ih_l1[:, 16:].any()  # the backward direction's input to layer 2 starts at 0
+    assert torch.equal(classifier.lstm.weight_hh_l1_reverse, reverse_before)
+    cfg = tiny_config(hub_imdb, tmp_path / "fine-tuned", prepared=str(prepared), init_from=str(run / "best"),
+                      epochs=1, **{**LM, "lr": 0.001})  # fmt: skip
+    metrics = train(cfg)
+    assert 0.0 <= metrics["test_acc"] <= 1.0
+    assert "init_from" in (tmp_path / "fine-tuned" / "config.yaml").read_text()
+
+
+def test_init_from_names_what_does_not_match(pretrained: tuple[Path, Path, dict], hub_imdb: Path) -> None:
+    prepared, run, _ = pretrained
+    data = PreparedData.load(prepared)
+    with pytest.raises(CheckpointError, match="hidden_dim is 16 there and 32 here"):
+        init_from_language_model(LSTMClassifier(data.tokenizer.get_vocab_size(), 16, 32, 2), run / "best", data)
+    other = prepare_data(tiny_config(hub_imdb, run, **{**LM, "max_vocab_size": 10}))
+    with pytest.raises(CheckpointError, match="vocabulary differs"):
+        init_from_language_model(LSTMClassifier(other.tokenizer.get_vocab_size(), 16, 16, 2), run / "best", other)
+
+
+def test_with_unsupervised_needs_the_split(tmp_path: Path) -> None:
+    root = write_hub(tmp_path / "imdb", make_split(20, 1)[0], make_split(20, 2)[0])
+    with pytest.raises(PreparedDataError, match="no unsupervised split"):
+        prepare_data(tiny_config(root, tmp_path / "out", **LM))
