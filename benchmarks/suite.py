@@ -112,8 +112,11 @@ def derived_prepared(data: PreparedData, folder: Path, train_reviews: int | None
     return PreparedData(splits, data.tokenizer, data.embeddings, info).save(folder)
 
 
-def train_run(prepared: Path, config: str, workdir: Path, **flags: Any) -> dict[str, Any]:
-    """Run the trainer (in this process) and summarise its timing and figures."""
+def train_run(
+    prepared: Path, config: str, workdir: Path, keep_metrics: Path | None = None, **flags: Any
+) -> dict[str, Any]:
+    """Run the trainer (in this process) and summarise its timing and figures; its metrics.json is also kept in
+    ``keep_metrics`` when given."""
     from sentiment.training import train
 
     cfg = build_config(
@@ -123,6 +126,10 @@ def train_run(prepared: Path, config: str, workdir: Path, **flags: Any) -> dict[
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     metrics = train(cfg)
+    if keep_metrics is not None:  # the run's own metrics.json, for docs/results (scripts/results_table.py)
+        keep_metrics.mkdir(parents=True, exist_ok=True)
+        name = "-".join([Path(config).stem, *(f"{k}_{v}" for k, v in sorted(flags.items()))]).replace("/", "_")
+        (keep_metrics / f"{name}.metrics.json").write_text(json.dumps(metrics, indent=2))
     history = metrics["history"]
     steady = history[1:] or history
     tokens = int(PreparedData.load(prepared).splits["train"].lengths.sum())
@@ -167,6 +174,7 @@ def section_train(
     paths: list[str],
     other_epochs: int = 2,
     plain: bool = True,
+    keep_metrics: Path | None = None,
 ) -> None:
     """Each config: the plain loop (1 epoch), then each trainer path: the default one for every seed and the
     config's epochs, the others for the first seed and ``other_epochs`` epochs (0: the config's)."""
@@ -182,7 +190,7 @@ def section_train(
             for seed in seeds if path == "default" else seeds[:1]:
                 epochs = {"epochs": other_epochs} if path != "default" and other_epochs else {}
                 try:
-                    row = train_run(prepared, CONFIGS[name], workdir, seed=seed, **PATHS[path], **epochs)
+                    row = train_run(prepared, CONFIGS[name], workdir, keep_metrics, seed=seed, **PATHS[path], **epochs)
                 except Exception as err:  # record it and go on with the other paths
                     results.add("train", {"config": name, "path": path, "seed": seed, "error": repr(err)[:300]})
                     continue
@@ -248,6 +256,7 @@ def main() -> None:
     parser.add_argument("--other_epochs", type=int, default=2, help="epochs of the non-default paths (0: config's)")
     parser.add_argument("--skip_plain", action="store_true", help="leave out the plain-loop baseline")
     parser.add_argument("--growth_config", default="bilstm")
+    parser.add_argument("--keep_metrics", type=Path, help="also keep each trainer run's metrics.json in this folder")
     parser.add_argument("--output", default="benchmarks/results/suite")
     args = parser.parse_args()
     sections = args.sections.split(",")
@@ -267,7 +276,7 @@ def main() -> None:
                     parser.error(f"unknown path in {args.paths}; choose from {', '.join(PATHS)}")
                 section_train(
                     results, Path(args.prepared), Path(workdir), args.configs.split(","), seeds, paths,
-                    args.other_epochs, not args.skip_plain,
+                    args.other_epochs, not args.skip_plain, args.keep_metrics,
                 )  # fmt: skip
             elif section == "growth":
                 section_growth(results, Path(args.prepared), Path(workdir), args.growth_config)

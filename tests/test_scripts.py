@@ -55,3 +55,32 @@ def test_compare_runs_tabulates_each_run(two_runs: list[Path]) -> None:
     assert len(lines) == 4 and lines[2].startswith("| lstm | 1 | 8 x 1 = 8 |")
     bilstm = json.loads((two_runs[1] / "metrics.json").read_text())
     assert f"{bilstm['test_acc']:.4f}" in lines[3]
+
+
+def test_results_table_from_a_manifest(two_runs: list[Path], tmp_path: Path) -> None:
+    """Mean ± std over an entry's runs, the results page with each command, the README's table between markers."""
+    repo = tmp_path / "repo"
+    (repo / "docs" / "results").mkdir(parents=True)
+    runs = []
+    for run in two_runs:
+        target = repo / "docs" / "results" / f"{run.name}.metrics.json"
+        target.write_text((run / "metrics.json").read_text())
+        runs.append(str(target.relative_to(repo)))
+    manifest = repo / "docs" / "results" / "manifest.yaml"
+    manifest.write_text(
+        json.dumps([{"name": "both", "hardware": "CPU", "command": "sentiment train ...", "runs": runs}])
+    )
+    readme = repo / "README.md"
+    readme.write_text("# x\n<!-- results:start -->\nold\n<!-- results:end -->\nafter\n")
+    script = ROOT / "scripts" / "results_table.py"
+    subprocess.run([sys.executable, script, manifest, "--doc", repo / "docs" / "results.md", "--readme", readme],
+                   check=True, capture_output=True, cwd=repo)  # fmt: skip
+    accs = [json.loads((run / "metrics.json").read_text())["test_acc"] for run in two_runs]
+    mean = sum(accs) / 2
+    text = readme.read_text()
+    assert "old" not in text and text.endswith("<!-- results:end -->\nafter\n")
+    assert "| both | CPU | 2 | " in text and f"{mean:.4f} ± " in text
+    assert "sentiment train ..." in (repo / "docs" / "results.md").read_text()
+    manifest.write_text(json.dumps([{"name": "gone", "hardware": "CPU", "command": "-", "runs": ["docs/x.json"]}]))
+    result = subprocess.run([sys.executable, script, manifest], capture_output=True, text=True, cwd=repo)
+    assert result.returncode != 0 and "missing files: docs/x.json" in result.stderr
