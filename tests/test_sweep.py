@@ -762,3 +762,23 @@ def test_bayes_sweep_logs_each_trial_as_a_wandb_run_in_the_sweep_group(
         record = next(runs[0].glob("*.wandb")).read_bytes()
         assert b"bayes-group" in record  # the run's group
         assert f"bayes-group-{trial.number:04d}".encode() in record  # the run's name
+
+
+@pytest.mark.parametrize("name", ["bilstm", "lstm"])
+def test_recipe_sweep_files_sample_valid_configs(name: str) -> None:
+    """configs/sweep_recipe_*.yaml: Bayesian search on validation accuracy over the recipe options; every sampled
+    parameter set, on top of the base config, is a valid training config."""
+    optuna = pytest.importorskip("optuna")
+    from sentiment.sweep import _suggest
+
+    spec = load_sweep(REPO / "configs" / f"sweep_recipe_{name}.yaml")
+    assert spec.method == "bayes" and spec.metric == "valid_acc"
+    assert spec.base_arguments() == ["--config", f"configs/{name}.yaml"]
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        trial = study.ask()
+        params = _suggest(trial, spec)
+        cfg = build_config(REPO / "configs" / f"{name}.yaml", params)
+        assert cfg.epochs == 20 and cfg.early_stopping_patience == 4
+        assert cfg.pooling in ("last", "max", "concat") and 0.0005 <= cfg.lr <= 0.01
+        study.tell(trial, 0.5)
