@@ -46,8 +46,8 @@ TRAINER_STATE = "trainer_state.json"
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move a completely written folder ``tmp`` to ``final``; the old ``final`` survives until the new one is in."""
     old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
+    if final.exists():  # then any .old is stale; without final, .old is the last complete copy: keep it for now
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)

@@ -268,3 +268,30 @@ def test_sigkill_mid_epoch_then_resume_matches(hub_imdb: Path, tmp_path: Path) -
         assert [h[key] for h in resumed["history"]] == pytest.approx([h[key] for h in reference["history"]], abs=1e-9)
     assert resumed["test_acc"] == reference["test_acc"]
     assert resumed["test_loss"] == pytest.approx(reference["test_loss"], abs=1e-12)
+
+
+def test_replace_dir_never_drops_the_last_complete_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash between replace_dir's two renames leaves only best.old (found by _existing_dir); the next save,
+    crashing again before its new folder is in place, must still leave that copy."""
+    from sentiment import training
+
+    final, old = tmp_path / "best", tmp_path / "best.old"
+    old.mkdir()
+    (old / "model.safetensors").write_text("epoch 1")
+    new = tmp_path / ".best.tmp"
+    new.mkdir()
+    (new / "model.safetensors").write_text("epoch 2")
+    real_replace = os.replace
+
+    def crash_on_the_new_folder(src: str | Path, dst: str | Path) -> None:
+        if Path(src) == new:
+            raise OSError("crash")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(training.os, "replace", crash_on_the_new_folder)
+    with pytest.raises(OSError, match="crash"):
+        training.replace_dir(new, final)
+    assert training._existing_dir(final) == old and (old / "model.safetensors").read_text() == "epoch 1"
+    monkeypatch.setattr(training.os, "replace", real_replace)
+    training.replace_dir(new, final)
+    assert (final / "model.safetensors").read_text() == "epoch 2" and not old.exists()
