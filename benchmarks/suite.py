@@ -36,7 +36,7 @@ import torch
 from benchmarks.plain_loop import plain_loop
 from sentiment.batching import EncodedSplit
 from sentiment.config import build_config
-from sentiment.prepare import PreparedData
+from sentiment.prepare import MANIFEST, PreparedData
 
 CONFIGS = {"lstm": "configs/lstm.yaml", "bilstm": "configs/bilstm.yaml"}
 PATHS = {  # the trainer's execution paths: config flags ("default": what the config does on this device)
@@ -108,7 +108,12 @@ def derived_prepared(data: PreparedData, folder: Path, train_reviews: int | None
         pieces = [split.token_ids[split.offsets[i] : split.offsets[i + 1]][:max_length] for i in range(count)]
         offsets = np.concatenate([[0], np.cumsum([len(p) for p in pieces])]).astype(np.int64)
         splits[name] = EncodedSplit(np.concatenate(pieces).astype(np.int64), offsets, split.labels[:count].copy())
-    info = {**data.info, "max_length": max_length}
+    info = {
+        **data.info,
+        "max_length": max_length,
+        "sizes": {name: len(split) for name, split in splits.items()},
+        "tokens": {name: int(split.lengths.sum()) for name, split in splits.items()},
+    }
     return PreparedData(splits, data.tokenizer, data.embeddings, info).save(folder)
 
 
@@ -132,7 +137,7 @@ def train_run(
         (keep_metrics / f"{name}.metrics.json").write_text(json.dumps(metrics, indent=2))
     history = metrics["history"]
     steady = history[1:] or history
-    tokens = int(PreparedData.load(prepared).splits["train"].lengths.sum())
+    tokens = json.loads((prepared / MANIFEST).read_text())["tokens"]["train"]
     epoch_seconds = statistics.mean(h["epoch_seconds"] for h in steady)
     graphs = metrics.get("cuda_graphs") or {}
     return {

@@ -75,9 +75,6 @@ class GraphedTrainStep:
         self.capture_seconds = 0.0
         self._optimizer_ready = False
 
-    def _forward_backward_step(self, inputs: dict[str, torch.Tensor]) -> None:
-        weighted_train_step(self.model, self.optimizer, inputs, self.totals, self.max_grad_norm)
-
     def _init_optimizer_state(self) -> None:
         """Create the optimizer's state (moments, step counters) without changing any weight: one step on zero
         gradients, then everything set back to 0. A graph must not capture the state's creation. A state loaded
@@ -126,12 +123,12 @@ class GraphedTrainStep:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             self.optimizer.zero_grad(set_to_none=True)
-            self._forward_backward_step(inputs)
+            weighted_train_step(self.model, self.optimizer, inputs, self.totals, self.max_grad_norm)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.cuda.graph(graph, pool=self.pool):
-            self._forward_backward_step(inputs)
+            weighted_train_step(self.model, self.optimizer, inputs, self.totals, self.max_grad_norm)
         self.pool = graph.pool()
         with torch.no_grad():
             for param, value in zip(self.model.parameters(), saved["params"], strict=True):

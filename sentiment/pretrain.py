@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from sentiment.config import ConfigError, TrainConfig
 from sentiment.model import CheckpointError, LSTMClassifier, load_checkpoint
 from sentiment.prepare import PreparedData, prepare_data
-from sentiment.training import plot_curves, replace_dir, write_atomic
+from sentiment.training import plot_curves, save_best, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -190,11 +190,7 @@ def _pretrain(accelerator: Accelerator, cfg: TrainConfig) -> dict[str, Any]:
             logger.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch"))
             if valid_loss < best_loss:
                 best_loss = valid_loss
-                tmp = output_dir / ".best.tmp"
-                shutil.rmtree(tmp, ignore_errors=True)
-                accelerator.unwrap_model(model).save_pretrained(tmp)
-                data.tokenizer.save(str(tmp / "tokenizer.json"))
-                replace_dir(tmp, output_dir / "best")
+                save_best(accelerator.unwrap_model(model), data, output_dir, model_card=False)
     best = min(history, key=lambda h: h["valid_loss"])
     metrics = {
         "best_epoch": best["epoch"],

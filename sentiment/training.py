@@ -485,7 +485,8 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
             raise TrainingStopped(output_dir, state["epoch"], steps_done)
 
     with stop:  # SIGINT/SIGTERM: save after the current step and stop (checked after each step)
-        for epoch in range(state["epoch"], cfg.epochs if not state.get("stopped_early") else state["epoch"]):
+        last_epoch = state["epoch"] if state.get("stopped_early") else cfg.epochs  # stopped early: nothing left
+        for epoch in range(state["epoch"], last_epoch):
             started = time.perf_counter()
             train_figures = train_epoch(
                 model, optimizer, train_loader, accelerator, epoch, cfg,
@@ -515,7 +516,7 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
             if record["valid_acc"] > state["best_valid_acc"]:
                 state.update(best_valid_acc=record["valid_acc"], best_epoch=epoch + 1)
                 if accelerator.is_main_process:
-                    _save_best(accelerator.unwrap_model(model), data, output_dir)
+                    save_best(accelerator.unwrap_model(model), data, output_dir)
             state["epoch"] = epoch + 1
             patience = cfg.early_stopping_patience
             if patience is not None and epoch + 1 - state["best_epoch"] >= patience and epoch + 1 < cfg.epochs:
@@ -581,14 +582,17 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
     return metrics
 
 
-def _save_best(model: LSTMClassifier, data: PreparedData, output_dir: Path) -> None:
+def save_best(model: torch.nn.Module, data: PreparedData, output_dir: Path, model_card: bool = True) -> None:
+    """Write ``output_dir/best`` (weights, config.json, tokenizer.json and, with ``model_card``, README.md) through
+    a temporary folder; a full disk leaves the previous ``best/`` in place (``SaveError``)."""
     tmp = output_dir / ".best.tmp"
     with _saving(output_dir, output_dir / "best"):
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
         data.tokenizer.save(str(tmp / "tokenizer.json"))
         replace_dir(tmp, output_dir / "best")
-        write_model_card(output_dir / "best", output_dir, results=False)
+        if model_card:
+            write_model_card(output_dir / "best", output_dir, results=False)
 
 
 def _save_state(accelerator: Accelerator, state: dict[str, Any], output_dir: Path) -> None:

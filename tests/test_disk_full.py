@@ -27,7 +27,7 @@ from tokenizers.models import WordLevel
 
 from sentiment.model import LSTMClassifier
 from sentiment.predict import SentimentClassifier
-from sentiment.training import SaveError, _save_best, train
+from sentiment.training import SaveError, save_best, train
 
 REVIEWS = ["A wonderful, moving film.", "Boring and awful, the worst plot.", "The movie was a film."]
 
@@ -124,7 +124,7 @@ def test_save_best_on_a_full_disk_keeps_the_previous_best(small_disk: Path) -> N
     run.mkdir()
     data = SimpleNamespace(tokenizer=Tokenizer(WordLevel({"<unk>": 0, "<pad>": 1, "great": 2}, unk_token="<unk>")))
     model = LSTMClassifier(vocab_size=3, embedding_dim=50, hidden_dim=64, pad_id=1)  # 120 kB of weights
-    _save_best(model, data, run)
+    save_best(model, data, run)
     saved = (run / "best" / "model.safetensors").read_bytes()
     with torch.no_grad():
         for parameter in model.parameters():
@@ -133,7 +133,7 @@ def test_save_best_on_a_full_disk_keeps_the_previous_best(small_disk: Path) -> N
     best = re.escape(str(run / "best"))
     with pytest.raises(SaveError, match=rf"^disk full while writing {best} \(No space left on device\)\. .*"
                                         rf"checkpoint in {best} is intact\. .*--overwrite"):  # fmt: skip
-        _save_best(model, data, run)
+        save_best(model, data, run)
     assert sorted(path.name for path in run.iterdir()) == ["best"]
     assert leftovers(run) == []
     assert (run / "best" / "model.safetensors").read_bytes() == saved

@@ -186,13 +186,19 @@ class FakeHub:
             return _json(400, {"errors": [{"message": "metadata must be a mapping"}], "warnings": []})
         return _json(200, {"errors": [], "warnings": []})
 
-    def _repo_info(self, repo_id: str, revision: str, user: str | None, has_token: bool) -> Response:
+    def _readable_commit(self, repo_id: str, revision: str, user: str | None, has_token: bool) -> Any:
+        """The repository's commit at ``revision``, or the error response (not readable, no such revision)."""
         repo = self._readable(repo_id, user, has_token)
         if isinstance(repo, Response):
             return repo
         commit = repo.resolve(revision)
-        if commit is None:
-            return _error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        return commit if commit is not None else _error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+
+    def _repo_info(self, repo_id: str, revision: str, user: str | None, has_token: bool) -> Response:
+        commit = self._readable_commit(repo_id, revision, user, has_token)
+        if isinstance(commit, Response):
+            return commit
+        repo = self.repos[repo_id]
         siblings = [{"rfilename": name} for name in sorted(commit.tree)]
         return _json(200, {"id": repo_id, "modelId": repo_id, "sha": commit.oid, "private": repo.private,
                            "siblings": siblings, "tags": [], "downloads": 0, "likes": 0})  # fmt: skip
@@ -263,12 +269,9 @@ class FakeHub:
         return repo.commits[oid]
 
     def _resolve(self, repo_id: str, revision: str, filename: str, user: str | None, has_token: bool) -> Response:
-        repo = self._readable(repo_id, user, has_token)
-        if isinstance(repo, Response):
-            return repo
-        commit = repo.resolve(revision)
-        if commit is None:
-            return _error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        commit = self._readable_commit(repo_id, revision, user, has_token)
+        if isinstance(commit, Response):
+            return commit
         if filename not in commit.tree:
             return _error(404, "Entry not found", "EntryNotFound", **{"X-Repo-Commit": commit.oid})
         content = commit.tree[filename]
