@@ -15,6 +15,9 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 RNN_INPUTS = ("auto", "packed", "padded", "fused")
 POOLINGS = ("last", "max", "mean", "concat")
+# Added to the input gate's pre-activation at padding by the fused BiLSTM path: sigmoid(-1e4) is exactly 0 in
+# float16/32/64 (no weight a trained LSTM reaches can lift it back), and -1e4 is representable in float16.
+CLOSED_GATE = 1e4
 
 
 class CheckpointError(ValueError):
@@ -60,17 +63,15 @@ class LSTMClassifier(
     ``max_length`` are not used by the network: they record the preprocessing the checkpoint expects
     (``tokenizer.json`` beside it applies them).
 
-    ``rnn_input`` picks how the LSTM sees a padded batch; both give the same result:
+    ``rnn_input`` picks how the LSTM sees a padded batch; all give the same result:
     ``packed`` runs ``nn.LSTM`` on ``pack_padded_sequence`` (cuDNN's packed kernels on GPU); ``padded`` runs each
     layer and direction on the padded tensor, the backward direction on a copy reversed within each review's
     length, and reads each review's state at its true last token (PyTorch's CPU backward through packed
     sequences of unequal lengths grows quadratically with the length; this path does not). ``fused`` runs one
-    cuDNN call per layer on the padded tensor (no packing, so no per-step host work, and the whole batch shape
-    is fixed, which CUDA graphs need): for a BiLSTM the batch is doubled with a right-aligned copy of each
-    review, so that the fused layer's forward direction reads the left-aligned rows and its backward direction
-    the right-aligned ones, each meeting a review's real tokens before its padding. ``auto``: fused for an LSTM on
-    GPU, padded otherwise (on an H200 the fused bidirectional layer on a doubled batch is slower than two
-    single-direction calls).
+    cuDNN call per layer, both directions at once, on the padded tensor (no packing, so no per-step host work, and
+    the whole batch shape is fixed, which CUDA graphs need); for a BiLSTM an extra input column marks the padding
+    and closes the input gate there, so the backward direction, which meets the padding first, keeps a zero
+    state until the review's last token. ``auto``: fused on GPU, padded on CPU.
     """
 
     def __init__(
@@ -143,8 +144,8 @@ class LSTMClassifier(
             embedded = embedded * keep
         embedded = self.dropout(embedded)
         path = self.rnn_input
-        if path == "auto":  # measured on an H200: fused for an LSTM, padded for a BiLSTM (docs/benchmarks.md)
-            path = "fused" if embedded.is_cuda and not self.lstm.bidirectional else "padded"
+        if path == "auto":  # measured on an H200 and on 2 CPU cores (docs/benchmarks.md)
+            path = "fused" if embedded.is_cuda else "padded"
         if path == "packed":
             outputs, final = self._packed_final(embedded, lengths)
         elif path == "fused":
@@ -187,29 +188,27 @@ class LSTMClassifier(
         hidden_size = self.lstm.hidden_size
         bidirectional = self.lstm.bidirectional
         if bidirectional:
+            # One more input column, 1 at padding, whose fixed weight (-CLOSED_GATE on the input gate, 0 elsewhere)
+            # shuts the input gate there: a direction that starts on padding keeps state (h, c) = (0, 0), exactly,
+            # until the review's last token, as if the padding were not there; the padding steps also pass back no
+            # gradient (every gate derivative there is multiplied by i = 0 or c = 0).
             positions = torch.arange(steps, device=embedded.device).unsqueeze(0)
-            shift = (steps - lengths).unsqueeze(1)
-            # Row b moved right by its padding (steps - length): real tokens end at the last step. Padding wraps
-            # round to the front, where the backward direction meets it only after every real token.
-            to_right = ((positions - shift) % steps).unsqueeze(-1)
-            to_left = ((positions + shift) % steps).unsqueeze(-1)
-        rows = 2 * batch if bidirectional else batch
-        zeros = embedded.new_zeros(2 if bidirectional else 1, rows, hidden_size)
+            padding = (positions >= lengths.unsqueeze(1)).unsqueeze(-1).to(embedded.dtype)
+            gate_column = embedded.new_zeros(4 * hidden_size, 1)
+            gate_column[:hidden_size] = -CLOSED_GATE
+        zeros = embedded.new_zeros(2 if bidirectional else 1, batch, hidden_size)
         layer_input = embedded
         for layer in range(self.lstm.num_layers):
             if layer > 0 and self.lstm.dropout > 0:
                 layer_input = F.dropout(layer_input, self.lstm.dropout, self.training)
             weights = self._layer_weights(layer)
-            if not bidirectional:
-                layer_input = torch.lstm(
-                    layer_input, (zeros, zeros), weights, True, 1, 0.0, self.training, False, True
-                )[0]
-                continue
-            right = layer_input.gather(1, to_right.expand(-1, -1, layer_input.shape[-1]))
-            both = torch.cat([layer_input, right])
-            output = torch.lstm(both, (zeros, zeros), weights, True, 1, 0.0, self.training, True, True)[0]
-            backward = output[batch:, :, hidden_size:].gather(1, to_left.expand(-1, -1, hidden_size))
-            layer_input = torch.cat([output[:batch, :, :hidden_size], backward], dim=-1)
+            if bidirectional:
+                layer_input = torch.cat([layer_input, padding], dim=-1)
+                for index in (0, 4):  # weight_ih of each direction
+                    weights[index] = torch.cat([weights[index], gate_column.to(weights[index].dtype)], dim=1)
+            layer_input = torch.lstm(
+                layer_input, (zeros, zeros), weights, True, 1, 0.0, self.training, bidirectional, True
+            )[0]
         rows_index = torch.arange(batch, device=embedded.device)
         final = layer_input[rows_index, lengths - 1, :hidden_size]
         if bidirectional:

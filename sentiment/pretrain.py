@@ -186,23 +186,24 @@ def _pretrain(accelerator: Accelerator, cfg: TrainConfig) -> dict[str, Any]:
             "tokens_per_second": tokens / seconds,
         }
         history.append(record)
+        best = min(history, key=lambda h: h["valid_loss"])
+        metrics = {
+            "best_epoch": best["epoch"],
+            "valid_loss": best["valid_loss"],
+            "valid_perplexity": best["valid_perplexity"],
+            "tokens_per_second": sum(h["tokens_per_second"] for h in history) / len(history),
+            "train_tokens": int(sum(len(split.token_ids) for split in corpus)),
+            "num_processes": accelerator.num_processes,
+            "history": history,
+        }
         if accelerator.is_main_process:
             logger.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch"))
             if valid_loss < best_loss:
                 best_loss = valid_loss
                 save_best(accelerator.unwrap_model(model), data, output_dir, model_card=False)
-    best = min(history, key=lambda h: h["valid_loss"])
-    metrics = {
-        "best_epoch": best["epoch"],
-        "valid_loss": best["valid_loss"],
-        "valid_perplexity": best["valid_perplexity"],
-        "tokens_per_second": sum(h["tokens_per_second"] for h in history) / len(history),
-        "train_tokens": int(sum(len(split.token_ids) for split in corpus)),
-        "num_processes": accelerator.num_processes,
-        "history": history,
-    }
+            # Rewritten every epoch: a stopped run still says what it reached (best/ holds the best epoch).
+            write_atomic(output_dir / "metrics.json", json.dumps(metrics, indent=2))
     if accelerator.is_main_process:
-        write_atomic(output_dir / "metrics.json", json.dumps(metrics, indent=2))
         panels = (("loss", "Loss (cross-entropy)"), ("perplexity", "Perplexity"))
         plot_curves(history, output_dir / "curves.png", panels)
     accelerator.wait_for_everyone()

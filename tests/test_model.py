@@ -24,7 +24,7 @@ def padded_batch(vocab_size: int, lengths: list[int], pad_id: int = 1) -> tuple[
 @pytest.mark.parametrize("pooling", ["last", "concat"])
 def test_packed_and_padded_paths_agree(bidirectional: bool, n_layers: int, pooling: str) -> None:
     """The padded path (each review's state at its true last token, backward direction on a reversed copy) and
-    the fused path (one call per layer, BiLSTM batch doubled with a right-aligned copy) compute the same logits
+    the fused path (one call per layer, the input gate closed over padding) compute the same logits
     and gradients as nn.LSTM on packed sequences."""
     torch.manual_seed(0)
     model = LSTMClassifier(50, 8, 12, n_layers, bidirectional, dropout=0.3, pooling=pooling).double().eval()
@@ -147,3 +147,24 @@ def test_mismatched_checkpoint_gives_clear_error(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors").write_bytes((tmp_path / "other" / "model.safetensors").read_bytes())
     with pytest.raises(CheckpointError, match=r"size mismatch|shape"):
         LSTMClassifier.from_pretrained(tmp_path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (cuDNN's LSTM kernels)")
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_fused_path_matches_packed_on_cudnn(bidirectional: bool) -> None:
+    """On cuDNN, in float32, the fused path (the closed input gate over padding included) gives the logits and
+    gradients of packed nn.LSTM, on reviews padded well past their length as bucketed batches are."""
+    torch.manual_seed(0)
+    model = LSTMClassifier(200, 16, 24, 2, bidirectional, dropout=0.0, pooling="concat").cuda().train()
+    ids, lengths = padded_batch(200, [57, 3, 40, 1, 57, 22, 9, 31])
+    ids = torch.cat([ids, torch.full((len(lengths), 20), model.pad_id)], dim=1).cuda()
+    results = []
+    for rnn_input in ("packed", "fused"):
+        model.rnn_input = rnn_input
+        model.zero_grad()
+        logits = model(ids, lengths)
+        (logits**2).sum().backward()
+        results.append((logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    for packed_grad, fused_grad in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(packed_grad, fused_grad, rtol=1e-4, atol=1e-6)
