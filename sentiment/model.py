@@ -24,8 +24,8 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be loaded; the message names the problem and the fix."""
 
 
-def _unshare_storage(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    """Give every tensor of the state dict its own storage.
+def unshare_storage(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """Give every tensor of the state dict its own storage (a ``register_state_dict_post_hook`` hook).
 
     On GPU, cuDNN packs all LSTM weights into one flat buffer, so the parameters are views of one storage;
     safetensors then refuses to save them (``save_pretrained``) and Accelerate's ``save_state`` would drop all but
@@ -114,7 +114,7 @@ class LSTMClassifier(
         self.dropout = nn.Dropout(dropout)
         features = hidden_dim * (2 if bidirectional else 1) * (3 if pooling == "concat" else 1)
         self.classifier = nn.Linear(features, 1)
-        self.register_state_dict_post_hook(_unshare_storage)
+        self.register_state_dict_post_hook(unshare_storage)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> LSTMClassifier:

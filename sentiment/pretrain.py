@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sentiment.config import ConfigError, TrainConfig
-from sentiment.model import CheckpointError, LSTMClassifier, load_checkpoint
+from sentiment.model import CheckpointError, LSTMClassifier, load_checkpoint, unshare_storage
 from sentiment.prepare import PreparedData, prepare_data
 from sentiment.training import plot_curves, save_best, write_atomic
 
@@ -60,6 +60,7 @@ class LSTMLanguageModel(
         self.dropout = nn.Dropout(dropout)
         self.projection = nn.Linear(hidden_dim, embedding_dim)
         self.decoder_bias = nn.Parameter(torch.zeros(vocab_size))
+        self.register_state_dict_post_hook(unshare_storage)  # cuDNN's flat weight buffer: see unshare_storage
 
     def forward(
         self, input_ids: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -151,10 +151,13 @@ def test_mismatched_checkpoint_gives_clear_error(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (cuDNN's LSTM kernels)")
 @pytest.mark.parametrize("bidirectional", [False, True])
-def test_fused_path_matches_packed_on_cudnn(bidirectional: bool) -> None:
+def test_fused_path_matches_packed_on_cudnn(bidirectional: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """On cuDNN, in float32, the fused path (the closed input gate over padding included) gives the logits and
-    gradients of packed nn.LSTM, on reviews padded well past their length as bucketed batches are."""
+    gradients of packed nn.LSTM, on reviews padded well past their length as bucketed batches are (TF32 off:
+    it alone moves results by ~1e-5; state leaking from padding would move them by far more)."""
     torch.manual_seed(0)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     model = LSTMClassifier(200, 16, 24, 2, bidirectional, dropout=0.0, pooling="concat").cuda().train()
     ids, lengths = padded_batch(200, [57, 3, 40, 1, 57, 22, 9, 31])
     ids = torch.cat([ids, torch.full((len(lengths), 20), model.pad_id)], dim=1).cuda()
@@ -165,6 +168,30 @@ def test_fused_path_matches_packed_on_cudnn(bidirectional: bool) -> None:
         logits = model(ids, lengths)
         (logits**2).sum().backward()
         results.append((logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
-    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-5)
     for packed_grad, fused_grad in zip(results[0][1], results[1][1], strict=True):
-        torch.testing.assert_close(packed_grad, fused_grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(packed_grad, fused_grad, rtol=1e-3, atol=1e-5)
+
+
+def share_one_storage(module: torch.nn.Module) -> None:
+    """Make the LSTM's parameters views of one flat buffer, as cuDNN's ``flatten_parameters`` does on a GPU."""
+    params = list(module.lstm.parameters())
+    flat = torch.cat([p.detach().flatten() for p in params])
+    offset = 0
+    for param in params:
+        param.data = flat[offset : offset + param.numel()].view_as(param)
+        offset += param.numel()
+    assert all(p.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for p in params)
+
+
+def test_checkpoints_save_weights_that_share_one_storage(tmp_path: Path) -> None:
+    """The classifier and the language model save and reload LSTM weights that live in one flat buffer (safetensors
+    refuses shared storage; on a GPU cuDNN always packs them so): every weight comes back."""
+    from sentiment.pretrain import LSTMLanguageModel
+
+    for model in (LSTMClassifier(30, 4, 6, 2, bidirectional=True), LSTMLanguageModel(30, 4, 6, 2)):
+        share_one_storage(model)
+        model.save_pretrained(tmp_path / type(model).__name__)
+        loaded = type(model).from_pretrained(tmp_path / type(model).__name__)
+        for (name, expected), (_, got) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+            assert torch.equal(expected, got), name
