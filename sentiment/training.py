@@ -369,6 +369,8 @@ def train(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None) -> dict[s
         return _train(accelerator, cfg, on_epoch_end)
     finally:
         accelerator.end_training()
+        if torch.cuda.is_available():  # a sweep worker's next trial, or another process, gets the memory
+            torch.cuda.empty_cache()
         # Accelerate keeps its settings (mixed precision, ...) in a process-wide singleton; forget them so the
         # next train() in this process (a notebook, a test, a sweep worker) can choose its own. The distributed
         # state of the process stays.
@@ -496,6 +498,8 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
             state.update(step=0, partial_totals=None)
             train_seconds = time.perf_counter() - started
             valid = evaluate(accelerator.unwrap_model(model), valid_loader, accelerator)
+            if graph_step is not None:  # training replays graphs from their own pool: the eager cache is idle
+                torch.cuda.empty_cache()  # until the next validation, and other processes on the GPU may need it
             record = {
                 "epoch": epoch + 1,
                 "train_loss": train_figures["loss"],
