@@ -138,7 +138,11 @@ class GraphedTrainStep:
                     if torch.is_tensor(value):
                         self.optimizer.state[key][name].copy_(value)
             self.totals.copy_(saved["totals"])
+        del saved
         torch.cuda.synchronize(self.device)
+        # The warm-up's eager allocations (cuDNN's reserve space for this shape, ...) stay cached otherwise: tens
+        # of GiB for long batches, which other processes on the GPU (sweep workers) then cannot have.
+        torch.cuda.empty_cache()
         self.capture_seconds += time.perf_counter() - start
         return graph, inputs
 

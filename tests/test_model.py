@@ -151,13 +151,11 @@ def test_mismatched_checkpoint_gives_clear_error(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (cuDNN's LSTM kernels)")
 @pytest.mark.parametrize("bidirectional", [False, True])
-def test_fused_path_matches_packed_on_cudnn(bidirectional: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fused_path_matches_packed_on_cudnn(bidirectional: bool) -> None:
     """On cuDNN, in float32, the fused path (the closed input gate over padding included) gives the logits and
     gradients of packed nn.LSTM, on reviews padded well past their length as bucketed batches are (TF32 off:
     it alone moves results by ~1e-5; state leaking from padding would move them by far more)."""
     torch.manual_seed(0)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     model = LSTMClassifier(200, 16, 24, 2, bidirectional, dropout=0.0, pooling="concat").cuda().train()
     ids, lengths = padded_batch(200, [57, 3, 40, 1, 57, 22, 9, 31])
     ids = torch.cat([ids, torch.full((len(lengths), 20), model.pad_id)], dim=1).cuda()
@@ -165,8 +163,9 @@ def test_fused_path_matches_packed_on_cudnn(bidirectional: bool, monkeypatch: py
     for rnn_input in ("packed", "fused"):
         model.rnn_input = rnn_input
         model.zero_grad()
-        logits = model(ids, lengths)
-        (logits**2).sum().backward()
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            logits = model(ids, lengths)
+            (logits**2).sum().backward()
         results.append((logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-5)
     for packed_grad, fused_grad in zip(results[0][1], results[1][1], strict=True):
