@@ -1,10 +1,12 @@
 """The results table, generated from the runs' own ``metrics.json`` files listed in a manifest.
 
-    python scripts/results_table.py docs/results/manifest.yaml --doc docs/results.md --readme README.md
+    python scripts/results_table.py docs/results/manifest.yaml --doc docs/results.md --readme README.md \
+        --plot docs/results/validation-curves.png
 
 The manifest lists entries ``{name, hardware, command, runs: [metrics.json, ...]}``; an entry with several runs
 (seeds) shows mean ± standard deviation. ``--doc`` writes the full page (table + each entry's command and run
-files); ``--readme`` replaces the table between ``<!-- results:start -->`` and ``<!-- results:end -->``.
+files); ``--readme`` replaces the table between ``<!-- results:start -->`` and ``<!-- results:end -->``;
+``--plot`` draws every entry's validation accuracy per epoch (mean over its runs, band: min to max) on one figure.
 """
 
 from __future__ import annotations
@@ -47,6 +49,41 @@ def table(manifest: Path) -> tuple[str, list[dict]]:
     return "\n".join(lines), entries
 
 
+def plot_validation_curves(manifest: Path, output: Path) -> None:
+    """Every entry's validation accuracy per epoch, the mean over its runs with a min-max band, on one figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = yaml.safe_load(manifest.read_text())
+    root = manifest.resolve().parents[2]
+    figure, axes = plt.subplots(figsize=(9, 5.5))
+    for entry in entries:
+        histories = [json.loads((root / run).read_text())["history"] for run in entry["runs"]]
+        epochs = min(len(history) for history in histories)  # early-stopped runs end sooner: the common epochs
+        values = [[history[e]["valid_acc"] for history in histories] for e in range(epochs)]
+        x = list(range(1, epochs + 1))
+        line = axes.plot(
+            x,
+            [statistics.mean(v) for v in values],
+            marker="o",
+            label=f"{entry['name'].replace('`', '')} (n={len(histories)})",
+        )
+        if len(histories) > 1:
+            axes.fill_between(
+                x, [min(v) for v in values], [max(v) for v in values], alpha=0.15, color=line[0].get_color()
+            )
+    axes.set(xlabel="epoch", ylabel="validation accuracy", title="Validation accuracy per epoch (mean over seeds)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    tmp = output.with_name(f".{output.stem}.tmp{output.suffix}")
+    figure.savefig(tmp, dpi=120)
+    plt.close(figure)
+    os.replace(tmp, output)
+
+
 def _write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -59,8 +96,11 @@ def main() -> None:
     parser.add_argument("manifest", type=Path)
     parser.add_argument("--doc", type=Path, help="write the results page here")
     parser.add_argument("--readme", type=Path, help="replace the table between the markers in this file")
+    parser.add_argument("--plot", type=Path, help="draw the entries' validation curves on one figure here")
     args = parser.parse_args()
     text, entries = table(args.manifest)
+    if args.plot:
+        plot_validation_curves(args.manifest, args.plot)
     if args.doc:
         page = [
             "# Results",

@@ -73,8 +73,10 @@ def test_results_table_from_a_manifest(two_runs: list[Path], tmp_path: Path) -> 
     readme = repo / "README.md"
     readme.write_text("# x\n<!-- results:start -->\nold\n<!-- results:end -->\nafter\n")
     script = ROOT / "scripts" / "results_table.py"
-    subprocess.run([sys.executable, script, manifest, "--doc", repo / "docs" / "results.md", "--readme", readme],
-                   check=True, capture_output=True, cwd=repo)  # fmt: skip
+    plot = repo / "docs" / "results" / "curves.png"
+    subprocess.run([sys.executable, script, manifest, "--doc", repo / "docs" / "results.md", "--readme", readme,
+                    "--plot", plot], check=True, capture_output=True, cwd=repo)  # fmt: skip
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
     accs = [json.loads((run / "metrics.json").read_text())["test_acc"] for run in two_runs]
     mean = sum(accs) / 2
     text = readme.read_text()
