@@ -55,6 +55,7 @@ class TrainConfig:
     init_from: str | None = None
     pooling: Literal["last", "max", "mean", "concat"] = "last"
     embedding_dropout: float = 0.0
+    weight_dropout: float = 0.0
     # training
     seed: int = 42
     epochs: int = 8
@@ -65,6 +66,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     lr_schedule: Literal["constant", "cosine", "onecycle"] = "constant"
     warmup_ratio: float = 0.0
+    lr_layer_decay: float = 1.0
+    gradual_unfreezing: bool = False
     early_stopping_patience: int | None = None
     bptt: int = 70
     max_grad_norm: float | None = None
@@ -137,6 +140,13 @@ def _range_problems(cfg: TrainConfig) -> list[str | None]:
         check(cfg.n_layers >= 1, f"n_layers must be >= 1 (got {cfg.n_layers})"),
         check(0 <= cfg.dropout < 1, f"dropout must be in [0, 1) (got {cfg.dropout})"),
         check(0 <= cfg.embedding_dropout < 1, f"embedding_dropout must be in [0, 1) (got {cfg.embedding_dropout})"),
+        check(0 <= cfg.weight_dropout < 1, f"weight_dropout must be in [0, 1) (got {cfg.weight_dropout})"),
+        check(
+            cfg.weight_dropout == 0 or cfg.rnn_input != "packed",
+            "weight_dropout needs the padded or fused path (nn.LSTM on packed input keeps its own weights); "
+            "set rnn_input: auto",
+        ),
+        check(0 < cfg.lr_layer_decay <= 1, f"lr_layer_decay must be in (0, 1] (got {cfg.lr_layer_decay})"),
         check(cfg.bptt >= 2, f"bptt must be >= 2 (got {cfg.bptt})"),
         check(cfg.weight_decay >= 0, f"weight_decay must be >= 0 (got {cfg.weight_decay})"),
         check(0 <= cfg.warmup_ratio < 1, f"warmup_ratio must be in [0, 1) (got {cfg.warmup_ratio})"),

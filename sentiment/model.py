@@ -89,6 +89,7 @@ class LSTMClassifier(
         rnn_input: str = "auto",
         pooling: str = "last",
         embedding_dropout: float = 0.0,
+        weight_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if rnn_input not in RNN_INPUTS:
@@ -98,6 +99,7 @@ class LSTMClassifier(
         self.rnn_input = rnn_input
         self.pooling = pooling
         self.embedding_dropout = embedding_dropout
+        self.weight_dropout = weight_dropout
         self.pad_id = pad_id
         self.lowercase = lowercase
         self.max_length = max_length
@@ -147,6 +149,8 @@ class LSTMClassifier(
         if path == "auto":  # measured on an H200 and on 2 CPU cores (docs/benchmarks.md)
             path = "fused" if embedded.is_cuda else "padded"
         if path == "packed":
+            if self.weight_dropout > 0 and self.training:
+                raise ValueError("weight_dropout needs rnn_input padded or fused (nn.LSTM keeps its own weights)")
             outputs, final = self._packed_final(embedded, lengths)
         elif path == "fused":
             outputs, final = self._fused_final(embedded, lengths)
@@ -176,11 +180,20 @@ class LSTMClassifier(
             return outputs, torch.cat([hidden[-2], hidden[-1]], dim=-1)
         return outputs, hidden[-1]
 
-    def _layer_weights(self, layer: int) -> list[torch.Tensor]:
-        """The weights of one layer, both directions, in ``torch.lstm``'s order."""
-        suffixes = ["", "_reverse"] if self.lstm.bidirectional else [""]
-        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-        return [getattr(self.lstm, f"{name}_l{layer}{suffix}") for suffix in suffixes for name in names]
+    def _layer_weights(self, layer: int, directions: tuple[str, ...] | None = None) -> list[torch.Tensor]:
+        """The weights of one layer, both directions (or ``directions``: "" and/or "_reverse"), in ``torch.lstm``'s
+        order; in training, the hidden-to-hidden matrices with ``weight_dropout`` applied (DropConnect: one mask
+        per batch, the same at every time step)."""
+        if directions is None:
+            directions = ("", "_reverse") if self.lstm.bidirectional else ("",)
+        weights = []
+        for suffix in directions:
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                weight = getattr(self.lstm, f"{name}_l{layer}{suffix}")
+                if name == "weight_hh" and self.weight_dropout > 0:
+                    weight = F.dropout(weight, self.weight_dropout, self.training)
+                weights.append(weight)
+        return weights
 
     def _fused_final(self, embedded: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, steps, _ = embedded.shape
@@ -229,10 +242,7 @@ class LSTMClassifier(
         for layer in range(self.lstm.num_layers):
             outputs = []
             for direction in range(directions):
-                suffix = f"_l{layer}" + ("_reverse" if direction else "")
-                weights = [
-                    getattr(self.lstm, f"{name}{suffix}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-                ]
+                weights = self._layer_weights(layer, ("_reverse" if direction else "",))
                 if direction:
                     sequence = layer_input.gather(1, reverse_index.expand(-1, -1, layer_input.shape[-1]))
                 else:

@@ -50,9 +50,11 @@ class LSTMLanguageModel(
         n_layers: int = 1,
         dropout: float = 0.3,
         pad_id: int = 1,
+        weight_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.pad_id = pad_id
+        self.weight_dropout = weight_dropout
         self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=pad_id)
         self.lstm = nn.LSTM(
             embedding_dim, hidden_dim, num_layers=n_layers, dropout=dropout if n_layers > 1 else 0.0, batch_first=True
@@ -66,7 +68,22 @@ class LSTMLanguageModel(
         self, input_ids: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Next-word logits (B x T x vocab) for ``input_ids`` (B x T), and the LSTM state after the last step."""
-        outputs, state = self.lstm(self.dropout(self.embedding(input_ids)), state)
+        embedded = self.dropout(self.embedding(input_ids))
+        if self.weight_dropout > 0 and self.training:  # DropConnect on the hidden-to-hidden matrices (AWD-LSTM)
+            lstm = self.lstm
+            if state is None:
+                zeros = embedded.new_zeros(lstm.num_layers, embedded.shape[0], lstm.hidden_size)
+                state = (zeros, zeros)
+            weights = [
+                F.dropout(weight, self.weight_dropout, True) if name.startswith("weight_hh") else weight
+                for name, weight in zip(lstm._flat_weights_names, lstm._flat_weights, strict=True)
+            ]
+            outputs, *new_state = torch.lstm(
+                embedded, state, weights, True, lstm.num_layers, lstm.dropout, True, False, True
+            )
+            state = tuple(new_state)
+        else:
+            outputs, state = self.lstm(embedded, state)
         features = self.dropout(self.projection(outputs))
         return F.linear(features, self.embedding.weight, self.decoder_bias), state
 
@@ -155,6 +172,7 @@ def _pretrain(accelerator: Accelerator, cfg: TrainConfig) -> dict[str, Any]:
         n_layers=cfg.n_layers,
         dropout=cfg.dropout,
         pad_id=data.info["pad_id"],
+        weight_dropout=cfg.weight_dropout,
     )
     if data.embeddings is not None:
         with torch.no_grad():

@@ -306,31 +306,63 @@ class StopSignal:
         self._previous.clear()
 
 
+def parameter_groups(model: torch.nn.Module, lr: float, layer_decay: float = 1.0) -> list[dict[str, Any]]:
+    """The classifier's trainable parameters by depth from the output: the head (depth 0), the LSTM layers from
+    the top down (1 .. n_layers, both directions together), the embedding (n_layers + 1). Each group's learning
+    rate is ``lr * layer_decay ** depth`` (discriminative learning rates, as in ULMFiT)."""
+    lstm = model.lstm
+    by_depth = [list(model.classifier.parameters())]
+    for layer in reversed(range(lstm.num_layers)):
+        by_depth.append([p for name, p in lstm.named_parameters() if name.split("_l")[-1].split("_")[0] == str(layer)])
+    by_depth.append(list(model.embedding.parameters()))
+    if sum(len(params) for params in by_depth) != len(list(model.parameters())):
+        raise RuntimeError("parameter_groups: the model has parameters outside the head, the LSTM and the embedding")
+    return [
+        {"params": trainable, "lr": lr * layer_decay**depth, "depth": depth}
+        for depth, params in enumerate(by_depth)
+        if (trainable := [p for p in params if p.requires_grad])
+    ]
+
+
 def build_optimizer(
-    cfg: TrainConfig, params: list[torch.nn.Parameter], capturable: bool, device: torch.device
+    cfg: TrainConfig, model: torch.nn.Module, capturable: bool, device: torch.device
 ) -> torch.optim.Optimizer:
-    """Adam or AdamW (``optimizer``, ``weight_decay``). For CUDA graphs the optimizer is ``capturable`` and a
-    scheduled learning rate is a tensor on the device, which the scheduler updates in place (a graph reads it)."""
+    """Adam or AdamW (``optimizer``, ``weight_decay``) over ``parameter_groups`` (``lr_layer_decay``). For CUDA
+    graphs the optimizer is ``capturable`` and a scheduled learning rate is a tensor on the device, which the
+    scheduler updates in place (a graph reads it)."""
     kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    groups = parameter_groups(model, cfg.lr, cfg.lr_layer_decay)
     if not capturable:
-        return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    lr = torch.tensor(cfg.lr, device=device) if cfg.lr_schedule != "constant" else cfg.lr
-    return kind(params, lr=lr, weight_decay=cfg.weight_decay, capturable=True)
+        return kind(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.lr_schedule != "constant" or cfg.gradual_unfreezing:
+        for group in groups:
+            group["lr"] = torch.tensor(group["lr"], device=device)
+    return kind(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, capturable=True)
 
 
 class LRFactor:
     """The learning rate's factor at each optimizer step (``LambdaLR``): ``cosine`` rises linearly over the first
     ``warmup_ratio`` of the steps, then falls to 0 along a cosine; ``onecycle`` rises from 1/25 over the first
     ``warmup_ratio`` (0.3 when 0) of the steps, then falls along a cosine to 1/10,000 (one-cycle without the
-    momentum cycle, which CUDA graphs would not see)."""
+    momentum cycle, which CUDA graphs would not see); ``constant``: 1.
 
-    def __init__(self, cfg: TrainConfig, total_steps: int) -> None:
+    With ``gradual_unfreezing`` a parameter group of ``depth`` d (``parameter_groups``) gets factor 0 during the
+    first d epochs of ``steps_per_epoch`` steps: the head trains alone in the first epoch, and each epoch after
+    it lets the next layer down move. (The frozen groups' weights stay exactly as they are; their gradients
+    are still computed, which keeps the step the same for CUDA graphs, and feed Adam's moments.)"""
+
+    def __init__(self, cfg: TrainConfig, total_steps: int, steps_per_epoch: int = 1, depth: int = 0) -> None:
         self.kind = cfg.lr_schedule
         ratio = cfg.warmup_ratio if cfg.warmup_ratio > 0 or self.kind != "onecycle" else 0.3
         self.total = max(total_steps, 1)
         self.warmup = int(ratio * self.total)
+        self.frozen_steps = depth * steps_per_epoch if cfg.gradual_unfreezing else 0
 
     def __call__(self, step: int) -> float:
+        if step < self.frozen_steps:
+            return 0.0
+        if self.kind == "constant":
+            return 1.0
         start, end = (0.0, 0.0) if self.kind == "cosine" else (1 / 25, 1e-4)
         if step < self.warmup:
             return start + (1 - start) * (step + 1) / self.warmup
@@ -418,6 +450,7 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
         rnn_input=cfg.rnn_input,
         pooling=cfg.pooling,
         embedding_dropout=cfg.embedding_dropout,
+        weight_dropout=cfg.weight_dropout,
     )
     if data.embeddings is not None:
         model.load_embeddings(torch.from_numpy(data.embeddings))
@@ -428,7 +461,7 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
         if accelerator.is_main_process:
             logger.info("embedding and LSTM weights from the language model %s", cfg.init_from)
     use_graphs = _use_cuda_graphs(cfg, accelerator)
-    optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], use_graphs, accelerator.device)
+    optimizer = build_optimizer(cfg, model, use_graphs, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     shard = {"num_replicas": accelerator.num_processes, "rank": accelerator.process_index}
@@ -439,9 +472,13 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
     valid_loader = make_dataloader(data.splits["validation"], cfg.eval_batch_size, pad_id, train=False, **shard)
     test_loader = make_dataloader(data.splits["test"], cfg.eval_batch_size, pad_id, train=False, **shard)
     scheduler = None
-    if cfg.lr_schedule != "constant":
-        total_steps = cfg.epochs * len(train_loader.batch_sampler.global_batches()) // accelerator.num_processes
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, LRFactor(cfg, total_steps))
+    if cfg.lr_schedule != "constant" or cfg.gradual_unfreezing:
+        steps_per_epoch = len(train_loader.batch_sampler.global_batches()) // accelerator.num_processes
+        factors = [
+            LRFactor(cfg, cfg.epochs * steps_per_epoch, steps_per_epoch, group["depth"])
+            for group in optimizer.optimizer.param_groups
+        ]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, factors)
         accelerator.register_for_checkpointing(scheduler)  # saved with the state, restored by --resume
 
     stop = StopSignal()

@@ -107,3 +107,21 @@ def test_with_unsupervised_needs_the_split(tmp_path: Path) -> None:
     root = write_hub(tmp_path / "imdb", make_split(20, 1)[0], make_split(20, 2)[0])
     with pytest.raises(PreparedDataError, match="no unsupervised split"):
         prepare_data(tiny_config(root, tmp_path / "out", **LM))
+
+
+def test_language_model_weight_dropout() -> None:
+    """The language model's DropConnect: random in training, carries the state like nn.LSTM, no effect in
+    evaluation; with p = 0 the explicit call equals nn.LSTM's."""
+    torch.manual_seed(0)
+    model = LSTMLanguageModel(30, 6, 10, 2, dropout=0.0, weight_dropout=0.4)
+    ids = torch.randint(2, 30, (3, 7))
+    first, (hidden, cell) = model.train()(ids)
+    assert hidden.shape == cell.shape == (2, 3, 10)
+    assert not torch.allclose(first, model(ids)[0])
+    model(ids, (hidden, cell))[0].sum().backward()
+    assert model.lstm.weight_hh_l0.grad.abs().sum() > 0
+    reference = LSTMLanguageModel(30, 6, 10, 2, dropout=0.0)
+    reference.load_state_dict(model.state_dict())
+    assert torch.equal(model.eval()(ids)[0], reference.eval()(ids)[0])
+    model.weight_dropout = 1e-12  # the explicit torch.lstm call, masks that keep every weight
+    torch.testing.assert_close(model.train()(ids, (hidden, cell))[0], reference.train()(ids, (hidden, cell))[0])

@@ -91,3 +91,76 @@ def test_recipe_choices_are_checked() -> None:
         build_config(None, {"lr_schedule": "linear"})
     with pytest.raises(ConfigError, match="pooling"):
         build_config(None, {"pooling": "attention"})
+
+
+def test_parameter_groups_give_discriminative_learning_rates() -> None:
+    """Head, LSTM layers top down, embedding: each parameter in exactly one group, lr * decay ** depth; a frozen
+    embedding is left out."""
+    from sentiment.model import LSTMClassifier
+    from sentiment.training import parameter_groups
+
+    model = LSTMClassifier(50, 8, 12, 2, bidirectional=True)
+    groups = parameter_groups(model, 0.01, 0.5)
+    assert [g["depth"] for g in groups] == [0, 1, 2, 3]
+    assert [g["lr"] for g in groups] == pytest.approx([0.01, 0.005, 0.0025, 0.00125])
+    names = {id(p): name for name, p in model.named_parameters()}
+    grouped = [[names[id(p)] for p in g["params"]] for g in groups]
+    assert sorted(sum(grouped, [])) == sorted(names.values())
+    assert grouped[0] == ["classifier.weight", "classifier.bias"] and grouped[3] == ["embedding.weight"]
+    assert all(name.endswith(("_l1", "_l1_reverse")) for name in grouped[1]) and len(grouped[1]) == 8
+    frozen = LSTMClassifier(50, 8, 12, 2, freeze_embeddings=True)
+    assert [g["depth"] for g in parameter_groups(frozen, 0.01)] == [0, 1, 2]
+
+
+def test_gradual_unfreezing_factors() -> None:
+    """Depth d waits d epochs, then follows the schedule (here constant)."""
+    cfg = build_config(None, {"gradual_unfreezing": True})
+    factors = [LRFactor(cfg, total_steps=40, steps_per_epoch=10, depth=depth) for depth in range(3)]
+    assert [[f(step) for step in (0, 9, 10, 19, 20, 39)] for f in factors] == [
+        [1, 1, 1, 1, 1, 1],
+        [0, 0, 1, 1, 1, 1],
+        [0, 0, 0, 0, 1, 1],
+    ]
+
+
+def test_gradual_unfreezing_moves_only_the_unfrozen_layers(hub_imdb: Path, tmp_path: Path) -> None:
+    """Two epochs of a 2-layer model with gradual unfreezing and layer decay: the head and the top LSTM layer
+    train, the bottom layer and the embedding keep exactly their starting values (a run with lr 1e-30, which
+    moves nothing, gives those)."""
+    from safetensors.torch import load_file
+
+    options = {"epochs": 2, "n_layers": 2, "gradual_unfreezing": True, "lr_layer_decay": 0.5}
+    train(tiny_config(hub_imdb, tmp_path / "start", **{**options, "lr": 1e-30}))
+    metrics = train(tiny_config(hub_imdb, tmp_path / "unfrozen", **options))
+    assert len(metrics["history"]) == 2
+    start = load_file(tmp_path / "start" / "best" / "model.safetensors")
+    trained = load_file(tmp_path / "unfrozen" / "state" / "model.safetensors")
+    for name, value in start.items():
+        moved = not torch.equal(value, trained[name])
+        assert moved == (name.startswith("classifier") or "_l1" in name), name
+
+
+def test_weight_dropout_masks_recurrent_weights_in_training_only() -> None:
+    """DropConnect on the hidden-to-hidden matrices: random in training (gradients still reach the weights), no
+    effect in evaluation, on the padded and fused paths; the packed path refuses it."""
+    from sentiment.model import LSTMClassifier
+
+    torch.manual_seed(0)
+    ids, lengths = torch.randint(2, 40, (4, 9)), torch.tensor([9, 3, 7, 1])
+    for rnn_input in ("padded", "fused"):
+        plain = LSTMClassifier(40, 6, 8, 2, True, dropout=0.0, rnn_input=rnn_input)
+        dropped = LSTMClassifier(40, 6, 8, 2, True, dropout=0.0, rnn_input=rnn_input, weight_dropout=0.5)
+        dropped.load_state_dict(plain.state_dict())
+        assert torch.equal(plain.eval()(ids, lengths), dropped.eval()(ids, lengths))
+        dropped.train()
+        first, second = dropped(ids, lengths), dropped(ids, lengths)
+        assert not torch.allclose(first, second) and not torch.allclose(first, plain.train()(ids, lengths))
+        first.sum().backward()
+        assert dropped.lstm.weight_hh_l1_reverse.grad.abs().sum() > 0
+    dropped.rnn_input = "packed"
+    with pytest.raises(ValueError, match="weight_dropout"):
+        dropped(ids, lengths)
+    with pytest.raises(ConfigError, match="weight_dropout"):
+        build_config(None, {"weight_dropout": 0.3, "rnn_input": "packed"})
+    with pytest.raises(ConfigError, match="lr_layer_decay"):
+        build_config(None, {"lr_layer_decay": 0.0})
