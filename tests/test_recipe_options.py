@@ -105,7 +105,7 @@ def test_parameter_groups_give_discriminative_learning_rates() -> None:
     assert [g["lr"] for g in groups] == pytest.approx([0.01, 0.005, 0.0025, 0.00125])
     names = {id(p): name for name, p in model.named_parameters()}
     grouped = [[names[id(p)] for p in g["params"]] for g in groups]
-    assert sorted(sum(grouped, [])) == sorted(names.values())
+    assert sorted(itertools.chain.from_iterable(grouped)) == sorted(names.values())
     assert grouped[0] == ["classifier.weight", "classifier.bias"] and grouped[3] == ["embedding.weight"]
     assert all(name.endswith(("_l1", "_l1_reverse")) for name in grouped[1]) and len(grouped[1]) == 8
     frozen = LSTMClassifier(50, 8, 12, 2, freeze_embeddings=True)
