@@ -6,6 +6,8 @@ cut short keeps what it measured).
     # on the GPU machine, from a prepared folder (`sentiment prepare --config configs/bilstm.yaml ...`)
     python -m benchmarks.suite --sections train,growth,predict --prepared prepared/imdb \
         --output benchmarks/results/h200
+    # the report's 14-trial sweep: one GPU with 2 workers, then two GPUs with one worker each
+    python -m benchmarks.suite --sections sweep --prepared prepared/imdb --sweep_settings 1x2,2x2
 
 Sections:
   prepare  load + spaCy pretokenize + vocabulary + encode of train and test (50k reviews), cold (empty cache)
@@ -16,6 +18,8 @@ Sections:
            recipe (benchmarks/plain_loop.py) on the same data, and the trainer's speed-up over it.
   growth   seconds per epoch of the default path against the number of training reviews and against max_length.
   predict  model throughput (reviews per second) on 1,000 test reviews already encoded, on this device.
+  sweep    wall time of a whole offline sweep (`sentiment sweep`, default: the report's 14-trial LSTM sweep) for
+           each GPUS x WORKERS setting, with the trials completed and failed and the epochs run.
 """
 
 from __future__ import annotations
@@ -217,6 +221,37 @@ def section_growth(results: Results, prepared: Path, workdir: Path, config: str)
         results.add("growth", {"config": config, **size, **shown})
 
 
+def section_sweep(
+    results: Results,
+    prepared: Path,
+    workdir: Path,
+    sweep_file: str,
+    count: int,
+    settings: list[tuple[int, int]],
+    extra_args: list[str] | None = None,
+) -> None:
+    """Run ``sweep_file`` (``count`` trials) once per (GPUs, workers) setting, from start to its report."""
+    import csv
+
+    from sentiment.sweep import run_sweep
+
+    for gpus, workers in settings:
+        folder = workdir / f"sweep-{gpus}gpu-{workers}w"
+        started = time.perf_counter()
+        run_sweep(
+            sweep_file, count=count, workers=workers, sweep_dir=folder, gpus=gpus or None,
+            extra_args=[f"--prepared={prepared}", "--report_to=none", *(extra_args or [])],
+        )  # fmt: skip
+        seconds = time.perf_counter() - started
+        with (folder / "results.csv").open() as file:
+            trials = list(csv.DictReader(file))
+        states = [trial["state"] for trial in trials]
+        row = {"sweep": Path(sweep_file).name, "GPUs": gpus, "workers": workers, "trials": len(trials)}
+        row |= {"complete": states.count("COMPLETE"), "failed": states.count("FAIL")}
+        row |= {"epochs": sum(int(trial["epochs_run"] or 0) for trial in trials), "wall s": seconds}
+        results.add("sweep", {**row, "trials/min": 60 * states.count("COMPLETE") / seconds})
+
+
 def section_predict(results: Results, prepared: Path, config: str, reviews: int = 1000) -> None:
     """Reviews per second of the model alone (ids already encoded), length-sorted batches of 256."""
     from sentiment.batching import make_dataloader
@@ -262,11 +297,14 @@ def main() -> None:
     parser.add_argument("--skip_plain", action="store_true", help="leave out the plain-loop baseline")
     parser.add_argument("--growth_config", default="bilstm")
     parser.add_argument("--keep_metrics", type=Path, help="also keep each trainer run's metrics.json in this folder")
+    parser.add_argument("--sweep_file", default="configs/sweep_lstm.yaml")
+    parser.add_argument("--sweep_count", type=int, default=14)
+    parser.add_argument("--sweep_settings", default="1x2", help="GPUSxWORKERS,... (0 GPUs: CPU, no device pinning)")
     parser.add_argument("--output", default="benchmarks/results/suite")
     args = parser.parse_args()
     sections = args.sections.split(",")
-    if set(sections) - {"prepare", "train", "growth", "predict"}:
-        parser.error(f"unknown section in {args.sections}; choose from prepare, train, growth, predict")
+    if set(sections) - {"prepare", "train", "growth", "predict", "sweep"}:
+        parser.error(f"unknown section in {args.sections}; choose from prepare, train, growth, predict, sweep")
     if set(sections) - {"prepare"} and not args.prepared:
         parser.error("--prepared DIR is needed (make one with `sentiment prepare`)")
     results = Results(Path(args.output))
@@ -283,6 +321,12 @@ def main() -> None:
                     results, Path(args.prepared), Path(workdir), args.configs.split(","), seeds, paths,
                     args.other_epochs, not args.skip_plain, args.keep_metrics,
                 )  # fmt: skip
+            elif section == "sweep":
+                try:
+                    settings = [tuple(int(n) for n in item.split("x")) for item in args.sweep_settings.split(",")]
+                except ValueError:
+                    parser.error(f"--sweep_settings {args.sweep_settings!r}: write GPUSxWORKERS,... e.g. 1x2,2x2")
+                section_sweep(results, Path(args.prepared), Path(workdir), args.sweep_file, args.sweep_count, settings)
             elif section == "growth":
                 section_growth(results, Path(args.prepared), Path(workdir), args.growth_config)
             else:

@@ -4,6 +4,7 @@ report's recipe measured in the same run (a ratio, not a time), and the suite's 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,26 @@ def test_results_are_rewritten_after_each_row(tmp_path: Path) -> None:
     assert [row["config"] for row in saved["sections"]["train"]] == ["lstm", "bilstm"]
     table = (tmp_path / "out" / "suite.md").read_text()
     assert "| config | s/epoch | speed-up |" in table and "| bilstm | 5.5 | 2 |" in table
+
+
+def test_sweep_section_times_a_real_sweep(prepared: Path, tmp_path: Path) -> None:
+    """The sweep section runs a real (tiny) sweep per setting and records its trials and wall time."""
+    import yaml
+
+    from benchmarks.suite import section_sweep
+
+    spec = {"name": "bench", "method": "grid", "metric": {"name": "valid_acc", "goal": "maximize"},
+            "parameters": {"lr": {"values": [0.01, 0.03]}, "epochs": {"value": 1}}}  # fmt: skip
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump(spec))
+    results = Results(tmp_path / "suite")
+    before = dict(os.environ)  # an in-process sweep worker sets WANDB_RUN_GROUP: keep it out of later tests
+    try:
+        section_sweep(results, prepared, tmp_path, str(sweep_file), 2, [(0, 1)], ["--hidden_dim=8", "--batch_size=16"])
+    finally:
+        os.environ.clear()
+        os.environ.update(before)
+    [row] = json.loads((tmp_path / "suite.json").read_text())["sections"]["sweep"]
+    assert (row["GPUs"], row["workers"], row["trials"], row["complete"], row["failed"]) == (0, 1, 2, 2, 0)
+    assert row["epochs"] == 2 and row["wall s"] > 0
+    assert len(list((tmp_path / "sweep-0gpu-1w" / "trials").iterdir())) == 2
