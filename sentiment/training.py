@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -311,9 +312,10 @@ def parameter_groups(model: torch.nn.Module, lr: float, layer_decay: float = 1.0
     the top down (1 .. n_layers, both directions together), the embedding (n_layers + 1). Each group's learning
     rate is ``lr * layer_decay ** depth`` (discriminative learning rates, as in ULMFiT)."""
     lstm = model.lstm
+    layer_of = {name: int(re.search(r"_l(\d+)(_reverse)?$", name).group(1)) for name, _ in lstm.named_parameters()}
     by_depth = [list(model.classifier.parameters())]
     for layer in reversed(range(lstm.num_layers)):
-        by_depth.append([p for name, p in lstm.named_parameters() if name.split("_l")[-1].split("_")[0] == str(layer)])
+        by_depth.append([param for name, param in lstm.named_parameters() if layer_of[name] == layer])
     by_depth.append(list(model.embedding.parameters()))
     if sum(len(params) for params in by_depth) != len(list(model.parameters())):
         raise RuntimeError("parameter_groups: the model has parameters outside the head, the LSTM and the embedding")
