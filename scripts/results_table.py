@@ -30,7 +30,8 @@ def _cell(values: list[float]) -> str:
 
 
 def table(manifest: Path) -> tuple[str, list[dict]]:
-    """The Markdown table of the manifest's entries, and the entries (paths resolved from the repository root)."""
+    """The Markdown table of the manifest's entries, and the entries, each with its runs' ``metrics`` loaded (paths
+    resolved from the repository root)."""
     entries = yaml.safe_load(manifest.read_text())
     root = manifest.resolve().parents[2]  # docs/results/manifest.yaml -> the repository
     lines = ["| configuration | hardware | seeds | " + " | ".join(t for _, t in COLUMNS) + " | s / epoch |"]
@@ -39,7 +40,7 @@ def table(manifest: Path) -> tuple[str, list[dict]]:
         missing = [run for run in entry["runs"] if not (root / run).is_file()]
         if missing:
             raise SystemExit(f"{manifest}: entry {entry['name']!r} lists missing files: {', '.join(missing)}")
-        metrics = [json.loads((root / run).read_text()) for run in entry["runs"]]
+        metrics = entry["metrics"] = [json.loads((root / run).read_text()) for run in entry["runs"]]
         cells = [_cell([m[key] for m in metrics]) for key, _ in COLUMNS]
         seconds = [m["epoch_seconds_mean"] for m in metrics]
         speed = f"{statistics.mean(seconds):.2f}"
@@ -49,18 +50,17 @@ def table(manifest: Path) -> tuple[str, list[dict]]:
     return "\n".join(lines), entries
 
 
-def plot_validation_curves(manifest: Path, output: Path) -> None:
-    """Every entry's validation accuracy per epoch, the mean over its runs with a min-max band, on one figure."""
+def plot_validation_curves(entries: list[dict], output: Path) -> None:
+    """Every entry's validation accuracy per epoch (``table``'s entries), the mean over its runs with a min-max
+    band, on one figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    entries = yaml.safe_load(manifest.read_text())
-    root = manifest.resolve().parents[2]
     figure, axes = plt.subplots(figsize=(9, 5.5))
     for entry in entries:
-        histories = [json.loads((root / run).read_text())["history"] for run in entry["runs"]]
+        histories = [metrics["history"] for metrics in entry["metrics"]]
         epochs = min(len(history) for history in histories)  # early-stopped runs end sooner: the common epochs
         values = [[history[e]["valid_acc"] for history in histories] for e in range(epochs)]
         x = list(range(1, epochs + 1))
@@ -100,7 +100,7 @@ def main() -> None:
     args = parser.parse_args()
     text, entries = table(args.manifest)
     if args.plot:
-        plot_validation_curves(args.manifest, args.plot)
+        plot_validation_curves(entries, args.plot)
     if args.doc:
         page = [
             "# Results",

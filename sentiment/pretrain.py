@@ -74,9 +74,9 @@ class LSTMLanguageModel(
             if state is None:
                 zeros = embedded.new_zeros(lstm.num_layers, embedded.shape[0], lstm.hidden_size)
                 state = (zeros, zeros)
-            weights = [
+            weights = [  # nn.LSTM's parameter order is torch.lstm's: per layer w_ih, w_hh, b_ih, b_hh
                 F.dropout(weight, self.weight_dropout, True) if name.startswith("weight_hh") else weight
-                for name, weight in zip(lstm._flat_weights_names, lstm._flat_weights, strict=True)
+                for name, weight in lstm.named_parameters()
             ]
             outputs, *new_state = torch.lstm(
                 embedded, state, weights, True, lstm.num_layers, lstm.dropout, True, False, True
