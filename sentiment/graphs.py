@@ -19,24 +19,42 @@ from torch import nn
 from sentiment.model import LSTMClassifier
 
 
+def zero_nonfinite_gradients(parameters: list[nn.Parameter], max_grad_norm: float | None) -> torch.Tensor:
+    """Clip the gradients of ``parameters`` to ``max_grad_norm`` (when given); if their norm is not finite (an
+    overflow or a NaN in this step), set them all to zero so that one bad step cannot turn the weights into NaN.
+    Returns 1 for such a step, else 0, as a device tensor (no host sync: CUDA graphs can capture it)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if max_grad_norm is not None:
+        norm = nn.utils.clip_grad_norm_(parameters, max_grad_norm, foreach=True)
+    else:
+        norm = nn.utils.get_total_norm(grads, foreach=True)
+    nonfinite = ~torch.isfinite(norm)
+    for grad in grads:
+        grad.masked_fill_(nonfinite, 0.0)
+    return nonfinite.to(torch.int64)
+
+
 def weighted_train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     batch: dict[str, torch.Tensor],
     totals: torch.Tensor,
     max_grad_norm: float | None = None,
+    nonfinite_steps: torch.Tensor | None = None,
 ) -> None:
     """One training step on a fixed-shape ``batch`` whose filler rows have weight 0: loss = mean over the real
     reviews, backward, optional gradient clipping, optimizer step, and ``totals += (loss sum, correct, count)``,
-    all on the device with no host sync (so that it can be captured in a CUDA graph)."""
+    all on the device with no host sync (so that it can be captured in a CUDA graph). A step whose gradients
+    are not finite changes them to zero (``zero_nonfinite_gradients``) and adds 1 to ``nonfinite_steps``."""
     logits = model(batch["input_ids"], batch["lengths"]).float()
     weights = batch["weights"]
     count = weights.sum()
     per_review = F.binary_cross_entropy_with_logits(logits, batch["labels"], reduction="none")
     loss = (per_review * weights).sum() / count
     loss.backward()
-    if max_grad_norm is not None:
-        nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm, foreach=True)
+    nonfinite = zero_nonfinite_gradients(list(model.parameters()), max_grad_norm)
+    if nonfinite_steps is not None:
+        nonfinite_steps += nonfinite
     optimizer.step()
     with torch.no_grad():
         correct = (((logits > 0).float() == batch["labels"]).float() * weights).sum()
@@ -49,9 +67,9 @@ class GraphedTrainStep:
     ``batch`` holds ``input_ids`` (rows x bucketed length), ``lengths``, ``labels`` and ``weights`` (1 for real
     reviews, 0 for filler rows), as :class:`sentiment.batching.PadCollator` makes them with ``fixed_rows``. The
     loss is the mean over real reviews; ``totals`` (on the GPU) accumulates loss sum, correct count and review
-    count without a host sync. ``optimizer`` must be an ``Adam``/``AdamW`` with ``capturable=True``. Mixed
-    precision is the model's own (Accelerate wraps ``forward`` in autocast; build the autocast with
-    ``cache_enabled=False``, as graphs need).
+    count without a host sync, and ``nonfinite_steps`` the steps whose gradients were not finite (set to zero).
+    ``optimizer`` must be an ``Adam``/``AdamW`` with ``capturable=True``. Mixed precision is the model's own
+    (Accelerate wraps ``forward`` in autocast; build the autocast with ``cache_enabled=False``, as graphs need).
     """
 
     def __init__(
@@ -70,6 +88,7 @@ class GraphedTrainStep:
         self.max_grad_norm = max_grad_norm
         self.device = device
         self.totals = torch.zeros(3, dtype=torch.float64, device=device)
+        self.nonfinite_steps = torch.zeros((), dtype=torch.int64, device=device)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}
         self.pool = None
         self.capture_seconds = 0.0
@@ -118,17 +137,22 @@ class GraphedTrainStep:
                 for k, s in self.optimizer.state.items()
             },
             "totals": self.totals.clone(),
+            "nonfinite_steps": self.nonfinite_steps.clone(),
         }
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             self.optimizer.zero_grad(set_to_none=True)
-            weighted_train_step(self.model, self.optimizer, inputs, self.totals, self.max_grad_norm)
+            weighted_train_step(
+                self.model, self.optimizer, inputs, self.totals, self.max_grad_norm, self.nonfinite_steps
+            )
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.cuda.graph(graph, pool=self.pool):
-            weighted_train_step(self.model, self.optimizer, inputs, self.totals, self.max_grad_norm)
+            weighted_train_step(
+                self.model, self.optimizer, inputs, self.totals, self.max_grad_norm, self.nonfinite_steps
+            )
         self.pool = graph.pool()
         with torch.no_grad():
             for param, value in zip(self.model.parameters(), saved["params"], strict=True):
@@ -138,6 +162,7 @@ class GraphedTrainStep:
                     if torch.is_tensor(value):
                         self.optimizer.state[key][name].copy_(value)
             self.totals.copy_(saved["totals"])
+            self.nonfinite_steps.copy_(saved["nonfinite_steps"])
         del saved
         torch.cuda.synchronize(self.device)
         # The warm-up's eager allocations (cuDNN's reserve space for this shape, ...) stay cached otherwise: tens

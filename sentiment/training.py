@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from sentiment.batching import make_dataloader
 from sentiment.config import ConfigError, TrainConfig
-from sentiment.graphs import GraphedTrainStep
+from sentiment.graphs import GraphedTrainStep, zero_nonfinite_gradients
 from sentiment.hub import push_checkpoint, require_push_access, write_model_card
 from sentiment.model import LSTMClassifier
 from sentiment.prepare import PreparedData, prepare_data
@@ -201,12 +201,17 @@ def train_epoch(
     interrupted after ``start_step`` steps continues from there, with the figures summed so far
     (``partial_totals``, over all processes). ``after_step(steps_done, totals)`` runs after every step.
     ``graph_step`` replays each step from a CUDA graph (batches of fixed shapes, see :mod:`sentiment.graphs`);
-    ``scheduler`` steps after every optimizer step.
+    ``scheduler`` steps after every optimizer step. A step whose gradients are not finite (an overflow) has them
+    set to zero instead of turning the weights into NaN; ``nonfinite_steps`` counts such steps.
     """
     model.train()
     loader.batch_sampler.set_epoch(epoch, skip_batches=start_step)
     device = accelerator.device
     totals = torch.zeros(3, dtype=torch.float64, device=device) if graph_step is None else graph_step.totals.zero_()
+    nonfinite_steps = (
+        torch.zeros((), dtype=torch.int64, device=device) if graph_step is None else graph_step.nonfinite_steps.zero_()
+    )
+    params = [param for param in model.parameters() if param.requires_grad]
     if partial_totals is not None and accelerator.is_main_process:  # summed over processes: counted once
         totals += torch.tensor(partial_totals, dtype=torch.float64, device=device)
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not accelerator.is_main_process, leave=False)
@@ -224,8 +229,10 @@ def train_epoch(
         logits = model(batch["input_ids"].to(device, non_blocking=True), batch["lengths"])
         loss = F.binary_cross_entropy_with_logits(logits.float(), labels)
         accelerator.backward(loss)
-        if cfg.max_grad_norm is not None:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        if accelerator.scaler is None:  # (fp16's gradient scaler skips overflowing steps itself)
+            nonfinite_steps += zero_nonfinite_gradients(params, cfg.max_grad_norm)
+        elif cfg.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if scheduler is not None:
@@ -239,7 +246,11 @@ def train_epoch(
         if after_step is not None:
             after_step(step + 1, totals)
     totals = accelerator.reduce(totals, reduction="sum")
-    return {"loss": totals[0].item() / totals[2].item(), "acc": totals[1].item() / totals[2].item()}
+    return {
+        "loss": totals[0].item() / totals[2].item(),
+        "acc": totals[1].item() / totals[2].item(),
+        "nonfinite_steps": int(nonfinite_steps.item()),  # the same on every process (gradients all-reduced)
+    }
 
 
 def plot_curves(
@@ -536,6 +547,14 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
             )  # fmt: skip
             state.update(step=0, partial_totals=None)
             train_seconds = time.perf_counter() - started
+            if train_figures["nonfinite_steps"]:
+                state["nonfinite_steps"] = state.get("nonfinite_steps", 0) + train_figures["nonfinite_steps"]
+                if accelerator.is_main_process:
+                    logger.warning(
+                        "epoch %d: %d steps had non-finite gradients (overflow); they were set to zero",
+                        epoch + 1,
+                        train_figures["nonfinite_steps"],
+                    )
             valid = evaluate(accelerator.unwrap_model(model), valid_loader, accelerator)
             if graph_step is not None:  # training replays graphs from their own pool: the eager cache is idle
                 torch.cuda.empty_cache()  # until the next validation, and other processes on the GPU may need it
@@ -597,6 +616,7 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
         },
         "epoch_seconds_mean": sum(h["epoch_seconds"] for h in state["history"]) / len(state["history"]),
         "num_processes": accelerator.num_processes,
+        "nonfinite_steps": state.get("nonfinite_steps", 0),
         "cuda_graphs": graph_figures,
         "history": state["history"],
     }

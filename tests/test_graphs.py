@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from sentiment.batching import PadCollator, bucket_length
-from sentiment.graphs import GraphedTrainStep, weighted_train_step
+from sentiment.config import build_config
+from sentiment.graphs import GraphedTrainStep, weighted_train_step, zero_nonfinite_gradients
 from sentiment.model import LSTMClassifier
+from sentiment.training import LRFactor, build_optimizer
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -81,6 +83,39 @@ def test_weighted_step_on_fixed_shape_equals_plain_step(bidirectional: bool) -> 
     torch.testing.assert_close(totals, torch.tensor([plain_loss_sum, plain_correct, plain_count], dtype=torch.float64))
 
 
+def test_zero_nonfinite_gradients_clips_or_zeroes() -> None:
+    """Finite gradients are clipped to the norm and kept; one infinite entry sets every gradient to zero."""
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))]
+    params[0].grad = torch.tensor([3.0, 0.0, 4.0])
+    params[1].grad = torch.zeros(2, 2)
+    assert zero_nonfinite_gradients(params, max_grad_norm=1.0).item() == 0
+    torch.testing.assert_close(params[0].grad, torch.tensor([0.6, 0.0, 0.8]), rtol=1e-4, atol=1e-6)
+    params[1].grad[0, 1] = float("inf")
+    assert zero_nonfinite_gradients(params, max_grad_norm=None).item() == 1
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in params)
+
+
+def test_step_with_nan_gradients_leaves_the_weights_finite() -> None:
+    """An overflowing step (NaN gradients in the LSTM) is counted and changes no weight; the next one trains."""
+    torch.manual_seed(0)
+    model = LSTMClassifier(60, 6, 5, 1, False, dropout=0.0, rnn_input="padded").double()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    before = [p.detach().clone() for p in model.parameters()]
+    poison = model.lstm.weight_hh_l0.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+    batch = PadCollator(pad_id=1, fixed_rows=4)(examples([9, 5, 7]))
+    totals = torch.zeros(3, dtype=torch.float64)
+    nonfinite = torch.zeros((), dtype=torch.int64)
+    weighted_train_step(model, optimizer, batch, totals, max_grad_norm=1.0, nonfinite_steps=nonfinite)
+    optimizer.zero_grad(set_to_none=True)
+    assert nonfinite.item() == 1
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
+    poison.remove()
+    weighted_train_step(model, optimizer, batch, totals, max_grad_norm=1.0, nonfinite_steps=nonfinite)
+    assert nonfinite.item() == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not torch.equal(model.lstm.weight_hh_l0, before[2])
+
+
 @needs_cuda
 def test_graph_replay_matches_eager_steps() -> None:
     """Graph replays over several shapes, in any order, update the weights as eager steps do."""
@@ -103,3 +138,43 @@ def test_graph_replay_matches_eager_steps() -> None:
     for a, b in zip(eager.parameters(), graphed.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(step.totals, totals, rtol=1e-5, atol=1e-4)
+
+
+@needs_cuda
+def test_graph_replay_follows_per_group_schedules() -> None:
+    """Discriminative learning rates, gradual unfreezing and one-cycle under graphs: each parameter group's
+    learning rate is a device tensor the scheduler rewrites in place, which replays read (frozen groups stay
+    exactly as they were); the weights follow eager steps with the same schedule."""
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    options = {"lr": 0.01, "lr_layer_decay": 0.5, "gradual_unfreezing": True, "lr_schedule": "onecycle"}
+    cfg = build_config(None, {**options, "optimizer": "adamw", "weight_decay": 0.01})
+    eager = LSTMClassifier(80, 8, 16, 2, False, dropout=0.0, rnn_input="padded", pooling="concat").to(device)
+    graphed = copy.deepcopy(eager)
+    eager_opt, graph_opt = (build_optimizer(cfg, model, True, device) for model in (eager, graphed))
+    steps_per_epoch, epochs = 1, 6
+    schedulers = [
+        torch.optim.lr_scheduler.LambdaLR(
+            opt, [LRFactor(cfg, epochs * steps_per_epoch, steps_per_epoch, g["depth"]) for g in opt.param_groups]
+        )
+        for opt in (eager_opt, graph_opt)
+    ]
+    step = GraphedTrainStep(graphed, graph_opt, max_grad_norm=1.0)
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    collate = PadCollator(pad_id=1, fixed_rows=8)
+    embedding_before = graphed.embedding.weight.detach().clone()
+    lengths_per_step = [[40, 33], [5, 5, 5], [37, 38, 3], [6, 2], [40, 12], [7, 7]]
+    for seed, lengths in enumerate(lengths_per_step):
+        batch = collate(examples(lengths, vocab_size=80, seed=seed))
+        step.step(batch)
+        weighted_train_step(eager, eager_opt, {k: v.to(device) for k, v in batch.items()}, totals, 1.0)
+        eager_opt.zero_grad(set_to_none=True)
+        for scheduler in schedulers:
+            scheduler.step()
+        if seed == 2:  # three epochs of one step: the embedding (depth 3) has not moved yet
+            torch.cuda.synchronize()
+            assert torch.equal(graphed.embedding.weight, embedding_before)
+    torch.cuda.synchronize()
+    assert not torch.equal(graphed.embedding.weight, embedding_before)  # unfrozen from the fourth epoch
+    for a, b in zip(eager.parameters(), graphed.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
