@@ -20,6 +20,30 @@ POOLINGS = ("last", "max", "mean", "concat")
 CLOSED_GATE = 1e4
 
 
+def lstm_layers(
+    inputs: torch.Tensor,
+    state: tuple[torch.Tensor, torch.Tensor],
+    weights: list[torch.Tensor],
+    num_layers: int = 1,
+    dropout: float = 0.0,
+    train: bool = False,
+    bidirectional: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.lstm`` (batch first, with biases; ``weights`` in its order) returning (outputs, h, c), in bfloat16
+    under a bfloat16 autocast. PyTorch's autocast runs cuDNN's LSTM in float16 whatever the autocast dtype (its
+    AutocastRNN wrapper), which overflows without a gradient scaler: a large LSTM fine-tuned under ``bf16`` had
+    infinite gradients in most steps. Here the LSTM gets the range the user asked for."""
+    device_type = inputs.device.type
+    if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16:
+        with torch.autocast(device_type, enabled=False):
+            bf16 = torch.bfloat16
+            return torch.lstm(
+                inputs.to(bf16), tuple(s.to(bf16) for s in state), [w.to(bf16) for w in weights],
+                True, num_layers, dropout, train, bidirectional, True,
+            )  # fmt: skip
+    return torch.lstm(inputs, state, weights, True, num_layers, dropout, train, bidirectional, True)
+
+
 class CheckpointError(ValueError):
     """A checkpoint cannot be loaded; the message names the problem and the fix."""
 
@@ -173,8 +197,15 @@ class LSTMClassifier(
         return torch.cat([final, *pooled], dim=-1) if self.pooling == "concat" else pooled[0]
 
     def _packed_final(self, embedded: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        device_type = embedded.device.type
+        if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16:
+            embedded = embedded.float()  # not float16 (see lstm_layers): the packed path runs in float32 then
+            autocast = torch.autocast(device_type, enabled=False)
+        else:
+            autocast = contextlib.nullcontext()
         packed = pack_padded_sequence(embedded, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        output, (hidden, _) = self.lstm(packed)
+        with autocast:
+            output, (hidden, _) = self.lstm(packed)
         outputs = pad_packed_sequence(output, batch_first=True, total_length=embedded.shape[1])[0]
         if self.lstm.bidirectional:
             return outputs, torch.cat([hidden[-2], hidden[-1]], dim=-1)
@@ -219,9 +250,7 @@ class LSTMClassifier(
                 layer_input = torch.cat([layer_input, padding], dim=-1)
                 for index in (0, 4):  # weight_ih of each direction
                     weights[index] = torch.cat([weights[index], gate_column.to(weights[index].dtype)], dim=1)
-            layer_input = torch.lstm(
-                layer_input, (zeros, zeros), weights, True, 1, 0.0, self.training, bidirectional, True
-            )[0]
+            layer_input = lstm_layers(layer_input, (zeros, zeros), weights, bidirectional=bidirectional)[0]
         rows_index = torch.arange(batch, device=embedded.device)
         final = layer_input[rows_index, lengths - 1, :hidden_size]
         if bidirectional:
@@ -247,7 +276,7 @@ class LSTMClassifier(
                     sequence = layer_input.gather(1, reverse_index.expand(-1, -1, layer_input.shape[-1]))
                 else:
                     sequence = layer_input
-                output = torch.lstm(sequence, (zeros, zeros), weights, True, 1, 0.0, self.training, False, True)[0]
+                output = lstm_layers(sequence, (zeros, zeros), weights)[0]
                 if direction:
                     output = output.gather(1, reverse_index.expand(-1, -1, hidden_size))
                 outputs.append(output)

@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sentiment.config import ConfigError, TrainConfig
-from sentiment.model import CheckpointError, LSTMClassifier, load_checkpoint, unshare_storage
+from sentiment.model import CheckpointError, LSTMClassifier, load_checkpoint, lstm_layers, unshare_storage
 from sentiment.prepare import PreparedData, prepare_data
 from sentiment.training import plot_curves, save_best, write_atomic
 
@@ -69,21 +69,17 @@ class LSTMLanguageModel(
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Next-word logits (B x T x vocab) for ``input_ids`` (B x T), and the LSTM state after the last step."""
         embedded = self.dropout(self.embedding(input_ids))
-        if self.weight_dropout > 0 and self.training:  # DropConnect on the hidden-to-hidden matrices (AWD-LSTM)
-            lstm = self.lstm
-            if state is None:
-                zeros = embedded.new_zeros(lstm.num_layers, embedded.shape[0], lstm.hidden_size)
-                state = (zeros, zeros)
-            weights = [  # nn.LSTM's parameter order is torch.lstm's: per layer w_ih, w_hh, b_ih, b_hh
-                F.dropout(weight, self.weight_dropout, True) if name.startswith("weight_hh") else weight
-                for name, weight in lstm.named_parameters()
-            ]
-            outputs, *new_state = torch.lstm(
-                embedded, state, weights, True, lstm.num_layers, lstm.dropout, True, False, True
-            )
-            state = tuple(new_state)
-        else:
-            outputs, state = self.lstm(embedded, state)
+        lstm = self.lstm
+        if state is None:
+            zeros = embedded.new_zeros(lstm.num_layers, embedded.shape[0], lstm.hidden_size)
+            state = (zeros, zeros)
+        drop = self.weight_dropout if self.training else 0.0  # DropConnect on hidden-to-hidden matrices (AWD-LSTM)
+        weights = [  # nn.LSTM's parameter order is torch.lstm's: per layer w_ih, w_hh, b_ih, b_hh
+            F.dropout(weight, drop, True) if drop > 0 and name.startswith("weight_hh") else weight
+            for name, weight in lstm.named_parameters()
+        ]
+        outputs, *new_state = lstm_layers(embedded, state, weights, lstm.num_layers, lstm.dropout, self.training)
+        state = tuple(new_state)
         features = self.dropout(self.projection(outputs))
         return F.linear(features, self.embedding.weight, self.decoder_bias), state
 

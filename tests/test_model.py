@@ -194,3 +194,34 @@ def test_checkpoints_save_weights_that_share_one_storage(tmp_path: Path) -> None
         loaded = type(model).from_pretrained(tmp_path / type(model).__name__)
         for (name, expected), (_, got) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
             assert torch.equal(expected, got), name
+
+
+@pytest.mark.parametrize("rnn_input", ["padded", "fused", "packed"])
+def test_bf16_autocast_runs_the_lstm_in_bfloat16(rnn_input: str) -> None:
+    """Under a bfloat16 autocast the padded and fused paths run the LSTM in bfloat16 (PyTorch's own autocast
+    would pick float16 for cuDNN, which overflows without a gradient scaler), the packed path in float32; the
+    logits stay close to float32's and the float32 weights get finite gradients."""
+    torch.manual_seed(0)
+    model = LSTMClassifier(50, 8, 16, 2, True, dropout=0.0, rnn_input=rnn_input, pooling="concat").train()
+    ids, lengths = padded_batch(50, [9, 4, 7])
+    reference = model(ids, lengths)
+    seen: list[torch.dtype] = []
+    hook = model.lstm.register_forward_hook(lambda module, args, output: seen.append(output[0].data.dtype))
+    original_lstm = torch.lstm
+
+    def recording_lstm(inputs: torch.Tensor, *args: object) -> tuple[torch.Tensor, ...]:
+        seen.append(inputs.dtype)
+        return original_lstm(inputs, *args)
+
+    torch.lstm = recording_lstm
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(ids, lengths)
+    finally:
+        torch.lstm = original_lstm
+        hook.remove()
+    assert seen and set(seen) == {torch.float32 if rnn_input == "packed" else torch.bfloat16}
+    torch.testing.assert_close(logits.float(), reference, rtol=0.0, atol=0.05)
+    logits.float().sum().backward()
+    for param in model.parameters():
+        assert param.dtype == torch.float32 and param.grad is not None and torch.isfinite(param.grad).all()
