@@ -111,7 +111,7 @@ def test_with_unsupervised_needs_the_split(tmp_path: Path) -> None:
 
 def test_language_model_weight_dropout() -> None:
     """The language model's DropConnect: random in training, carries the state like nn.LSTM, no effect in
-    evaluation; with p = 0 the explicit call equals nn.LSTM's."""
+    evaluation; its explicit torch.lstm call equals nn.LSTM's own forward."""
     torch.manual_seed(0)
     model = LSTMLanguageModel(30, 6, 10, 2, dropout=0.0, weight_dropout=0.4)
     ids = torch.randint(2, 30, (3, 7))
@@ -125,3 +125,25 @@ def test_language_model_weight_dropout() -> None:
     assert torch.equal(model.eval()(ids)[0], reference.eval()(ids)[0])
     model.weight_dropout = 1e-12  # the explicit torch.lstm call, masks that keep every weight
     torch.testing.assert_close(model.train()(ids, (hidden, cell))[0], reference.train()(ids, (hidden, cell))[0])
+    outputs, state = reference.lstm(reference.embedding(ids), (hidden, cell))  # nn.LSTM's own forward
+    projected = reference.projection(outputs)
+    logits = torch.nn.functional.linear(projected, reference.embedding.weight, reference.decoder_bias)
+    ours, our_state = reference.eval()(ids, (hidden, cell))
+    torch.testing.assert_close(ours, logits)
+    torch.testing.assert_close(our_state, state)
+
+
+def test_language_model_under_bf16_autocast() -> None:
+    """Under a bfloat16 autocast the language model's LSTM runs in bfloat16 (not the float16 PyTorch's autocast
+    gives cuDNN's LSTM); its carried state comes back in bfloat16, the float32 weights get finite gradients."""
+    torch.manual_seed(0)
+    model = LSTMLanguageModel(30, 6, 10, 2, dropout=0.1, weight_dropout=0.3).train()
+    ids = torch.randint(2, 30, (3, 7))
+    reference = model.eval()(ids)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, (hidden, cell) = model.eval()(ids)
+        assert hidden.dtype == cell.dtype == torch.bfloat16
+        torch.testing.assert_close(logits.float(), reference, rtol=0.0, atol=0.05)
+        logits = model.train()(ids, (hidden, cell))[0]
+    logits.float().sum().backward()
+    assert all(p.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
