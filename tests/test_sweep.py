@@ -764,8 +764,8 @@ def test_bayes_sweep_logs_each_trial_as_a_wandb_run_in_the_sweep_group(
         assert f"bayes-group-{trial.number:04d}".encode() in record  # the run's name
 
 
-@pytest.mark.parametrize("name", ["bilstm", "lstm"])
-def test_recipe_sweep_files_sample_valid_configs(name: str) -> None:
+@pytest.mark.parametrize(("name", "epochs", "patience"), [("bilstm", 12, 3), ("lstm", 15, 4)])
+def test_recipe_sweep_files_sample_valid_configs(name: str, epochs: int, patience: int) -> None:
     """configs/sweep_recipe_*.yaml: Bayesian search on validation accuracy over the recipe options; every sampled
     parameter set, on top of the base config, is a valid training config."""
     optuna = pytest.importorskip("optuna")
@@ -779,6 +779,6 @@ def test_recipe_sweep_files_sample_valid_configs(name: str) -> None:
         trial = study.ask()
         params = _suggest(trial, spec)
         cfg = build_config(REPO / "configs" / f"{name}.yaml", params)
-        assert cfg.epochs == 20 and cfg.early_stopping_patience == 4
+        assert cfg.epochs == epochs and cfg.early_stopping_patience == patience
         assert cfg.pooling in ("last", "max", "concat") and 0.0005 <= cfg.lr <= 0.01
         study.tell(trial, 0.5)
