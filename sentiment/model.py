@@ -20,6 +20,11 @@ POOLINGS = ("last", "max", "mean", "concat")
 CLOSED_GATE = 1e4
 
 
+def bf16_autocast(device_type: str) -> bool:
+    """Whether a bfloat16 autocast is on for ``device_type``."""
+    return torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16
+
+
 def lstm_layers(
     inputs: torch.Tensor,
     state: tuple[torch.Tensor, torch.Tensor],
@@ -33,9 +38,8 @@ def lstm_layers(
     under a bfloat16 autocast. PyTorch's autocast runs cuDNN's LSTM in float16 whatever the autocast dtype (its
     AutocastRNN wrapper), which overflows without a gradient scaler: a large LSTM fine-tuned under ``bf16`` had
     infinite gradients in most steps. Here the LSTM gets the range the user asked for."""
-    device_type = inputs.device.type
-    if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16:
-        with torch.autocast(device_type, enabled=False):
+    if bf16_autocast(inputs.device.type):
+        with torch.autocast(inputs.device.type, enabled=False):
             bf16 = torch.bfloat16
             return torch.lstm(
                 inputs.to(bf16), tuple(s.to(bf16) for s in state), [w.to(bf16) for w in weights],
@@ -197,10 +201,9 @@ class LSTMClassifier(
         return torch.cat([final, *pooled], dim=-1) if self.pooling == "concat" else pooled[0]
 
     def _packed_final(self, embedded: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        device_type = embedded.device.type
-        if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16:
+        if bf16_autocast(embedded.device.type):
             embedded = embedded.float()  # not float16 (see lstm_layers): the packed path runs in float32 then
-            autocast = torch.autocast(device_type, enabled=False)
+            autocast = torch.autocast(embedded.device.type, enabled=False)
         else:
             autocast = contextlib.nullcontext()
         packed = pack_padded_sequence(embedded, lengths.cpu(), batch_first=True, enforce_sorted=False)
