@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +87,31 @@ def test_results_table_from_a_manifest(two_runs: list[Path], tmp_path: Path) -> 
     manifest.write_text(json.dumps([{"name": "gone", "hardware": "CPU", "command": "-", "runs": ["docs/x.json"]}]))
     result = subprocess.run([sys.executable, script, manifest], capture_output=True, text=True, cwd=repo)
     assert result.returncode != 0 and "missing files: docs/x.json" in result.stderr
+
+
+def test_lm_finetune_seeds_pretrains_once_and_fine_tunes_each_seed(hub_imdb: Path, tmp_path: Path) -> None:
+    """scripts/lm_finetune_seeds.sh on CPU: one language model (accelerate launch), then one classifier per seed
+    started from it, with every run's figures collected and tabulated."""
+    import yaml
+
+    from sentiment.prepare import prepare_data
+
+    sizes = {"vectors": "none", "embedding_dim": 16, "hidden_dim": 16, "n_layers": 2, "dropout": 0.1, "lr": 0.01}
+    prepared = tmp_path / "prepared"
+    prepare_data(tiny_config(hub_imdb, tmp_path / "unused", with_unsupervised=True, **sizes)).save(prepared)
+    lm_config, classifier_config = tmp_path / "lm.yaml", tmp_path / "classifier.yaml"
+    lm_config.write_text(yaml.safe_dump({**sizes, "epochs": 1, "batch_size": 4, "eval_batch_size": 2, "bptt": 8}))
+    classifier = {**sizes, "epochs": 1, "batch_size": 8, "bidirectional": False, "pooling": "concat", "num_proc": 1}
+    classifier_config.write_text(yaml.safe_dump(classifier))
+    results = tmp_path / "results"
+    env = {**os.environ, "RUNS_DIR": str(tmp_path / "runs"), "PYTHON": sys.executable}
+    script = ROOT / "scripts" / "lm_finetune_seeds.sh"
+    args = [lm_config, classifier_config, prepared, results, "7", "8"]
+    subprocess.run([script, *args], cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+    assert json.loads((results / "pretrain.metrics.json").read_text())["history"][0]["epoch"] == 1
+    table = (results / "finetune.md").read_text().splitlines()
+    for seed in (7, 8):
+        metrics = json.loads((results / f"finetune-{seed}.metrics.json").read_text())
+        assert metrics["sizes"]["test"] > 0 and 0.0 <= metrics["test_acc"] <= 1.0
+        assert "weights from the language model" in (results / f"finetune-{seed}.log").read_text()
+        assert any(line.startswith(f"| finetune-{seed} |") for line in table)
