@@ -21,7 +21,8 @@ commands:
   pretrain  train the embedding + LSTM as a language model on train + unlabelled reviews (with_unsupervised),
             for a classifier to start from with --init_from RUN/best (configs/pretrain_lm.yaml)
   sweep     SWEEP.yaml [--count N] [--workers N] [--gpus N] [--storage URL] [--sweep_dir DIR] [--sampler_seed N]
-            [--key=value ...]: run (or continue) a W&B sweep file offline with Optuna
+            [--stop_after SECONDS] [--key=value ...]: run (or continue) a W&B sweep file offline with Optuna
+            (no trial starts after --stop_after seconds; running trials finish)
   report    SWEEP_DIR [--storage URL]: regenerate a sweep's table (CSV, Markdown) and plots
   predict   --model PATH_OR_ID ["text" ...] [--input F.txt|.jsonl|.csv --output F.jsonl|.csv] [--batch_size N]
             [--device D]: label and probability per review
@@ -82,7 +83,15 @@ def prepare_main(args: list[str]) -> int:
     return 0
 
 
-SWEEP_OPTIONS = {"count": int, "workers": int, "gpus": int, "storage": str, "sweep_dir": str, "sampler_seed": int}
+SWEEP_OPTIONS = {
+    "count": int,
+    "workers": int,
+    "gpus": int,
+    "storage": str,
+    "sweep_dir": str,
+    "sampler_seed": int,
+    "stop_after": float,
+}
 
 
 def _take_options(args: list[str], options: dict[str, type]) -> tuple[dict[str, object], list[str]]:

@@ -400,8 +400,10 @@ def run_worker(
     extra_args: list[str],
     worker: int = 0,
     seed: int | None = 0,
+    deadline: float | None = None,
 ) -> None:
-    """One worker: take trials from the shared study until ``count`` trials are done or running."""
+    """One worker: take trials from the shared study until ``count`` trials are done or running, starting none
+    after ``deadline`` (a ``time.time()`` value; a trial already running finishes)."""
 
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s worker {worker} %(name)s: %(message)s", datefmt="%H:%M:%S"
@@ -419,6 +421,9 @@ def run_worker(
     failures = 0
     finished: list[Any] = []  # this worker's finished trials, in order
     while _counted(study) < total:
+        if deadline is not None and time.time() >= deadline:
+            logger.info("stop_after reached: no new trial (%d of %d counted)", _counted(study), total)
+            break
         before = len(study.trials)
         study.optimize(
             objective,
@@ -458,11 +463,17 @@ def run_sweep(
     extra_args: list[str] | None = None,
     gpus: int | None = None,
     seed: int | None = 0,
+    stop_after: float | None = None,
 ) -> Path:
     """Run (or continue) an offline sweep with ``workers`` processes; write its report; return the sweep folder.
 
-    With ``gpus`` > 1, worker ``i`` sees only GPU ``i % gpus`` (CUDA_VISIBLE_DEVICES).
+    With ``gpus`` > 1, worker ``i`` sees only GPU ``i % gpus`` (CUDA_VISIBLE_DEVICES). With ``stop_after``,
+    no trial starts later than that many seconds after this call (running trials finish), so a sweep fits a time
+    slot without trials cut short; a later call with the same folder continues it.
     """
+    deadline = time.time() + stop_after if stop_after is not None else None
+    if stop_after is not None and stop_after < 0:
+        raise SweepError(f"stop_after is {stop_after}: give the seconds after which no trial starts (0 or more)")
     spec = load_sweep(sweep_file)
     sweep_path = Path(sweep_dir or Path("sweeps") / spec.name).resolve()  # trials record absolute run folders
     sweep_path.mkdir(parents=True, exist_ok=True)
@@ -489,14 +500,14 @@ def run_sweep(
     args = (str(sweep_file), count, storage, str(sweep_path), extra_args)
     with _environment(WANDB_RUN_GROUP=spec.name):
         if workers == 1 and not gpus:
-            run_worker(*args, worker=0, seed=seed)
+            run_worker(*args, worker=0, seed=seed, deadline=deadline)
         else:
-            _run_processes(args, workers, gpus, seed)
+            _run_processes(args, workers, gpus, seed, deadline)
     write_report(sweep_path)
     return sweep_path
 
 
-def _run_processes(args: tuple, workers: int, gpus: int | None, seed: int | None) -> None:
+def _run_processes(args: tuple, workers: int, gpus: int | None, seed: int | None, deadline: float | None) -> None:
     """Start ``workers`` worker processes (worker i on GPU i mod ``gpus``) and wait for them."""
     import multiprocessing
 
@@ -507,7 +518,8 @@ def _run_processes(args: tuple, workers: int, gpus: int | None, seed: int | None
         for worker in range(workers):
             device = {"CUDA_VISIBLE_DEVICES": str(worker % gpus)} if gpus else {}
             with _environment(**device):  # a spawned process copies the environment when it starts
-                process = context.Process(target=run_worker, args=args, kwargs={"worker": worker, "seed": seed})
+                kwargs = {"worker": worker, "seed": seed, "deadline": deadline}
+                process = context.Process(target=run_worker, args=args, kwargs=kwargs)
                 process.start()
             processes.append(process)
     for process in processes:

@@ -637,6 +637,22 @@ def test_resumed_random_sweep_draws_new_points(resumed_sweep: tuple[list[dict[st
     assert [p for p in new if p in earlier] == []
 
 
+def test_stop_after_starts_no_trial_past_the_deadline(hub_imdb: Path, tmp_path: Path) -> None:
+    """--stop_after: a sweep continued with 0 seconds left starts nothing (the study keeps its one trial and the
+    report is still written); with time left it runs on to --count; a negative value is refused."""
+    path = write_spec(tmp_path / "deadline.yaml", base_spec(name="deadline", parameters=RESUME_PARAMETERS))
+    extra = trainer_args(hub_imdb, "--hidden_dim=8")
+    sweep(path, tmp_path / "sweep", count=1, extra_args=extra)
+    sweep(path, tmp_path / "sweep", count=3, extra_args=extra, stop_after=0)
+    assert len(load_study(tmp_path / "sweep").get_trials()) == 1
+    assert len(read_csv(tmp_path / "sweep" / "results.csv")) == 1
+    sweep(path, tmp_path / "sweep", count=3, extra_args=extra, stop_after=3600)
+    trials = load_study(tmp_path / "sweep").get_trials()
+    assert len(trials) == 3 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    with pytest.raises(SweepError, match="stop_after"):
+        sweep(path, tmp_path / "sweep", count=4, extra_args=extra, stop_after=-1)
+
+
 # ----------------------------------------------------------------------------------------------- workers
 
 
@@ -697,8 +713,8 @@ def test_failing_trials_do_not_loop_forever(tmp_path: Path) -> None:
 
 
 def test_cli_sweep_runs_and_prints_the_table(hub_imdb: Path, tmp_path: Path) -> None:
-    """`sentiment sweep FILE --count 1 --sweep_dir DIR --key=value ...` trains one trial with the overrides and
-    prints results.md."""
+    """`sentiment sweep FILE --count 1 --sweep_dir DIR --stop_after S --key=value ...` trains one trial with the
+    overrides and prints results.md."""
     path = write_spec(tmp_path / "cli.yaml", base_spec(name="cli", parameters={"hidden_dim": {"values": [6]}}))
     sweep_dir = tmp_path / "sweep"
     result = sentiment_cli(
@@ -708,6 +724,8 @@ def test_cli_sweep_runs_and_prints_the_table(hub_imdb: Path, tmp_path: Path) -> 
         "1",
         "--sweep_dir",
         str(sweep_dir),
+        "--stop_after",
+        "3600",
         *trainer_args(hub_imdb, "--epochs=1"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
