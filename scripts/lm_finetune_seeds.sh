@@ -22,7 +22,8 @@ mkdir -p "$results"
 quiet() { tr '\r' '\n' | grep -v -E '[0-9](it/s|s/it)\]' || true; }
 
 gpus=$("$python" -c "import torch; print(torch.cuda.device_count())")
-launch=("$python" -m accelerate.commands.launch --num_processes "$(( gpus > 1 ? gpus : 1 ))" --num_machines 1 --dynamo_backend no)
+slots=$(( gpus > 1 ? gpus : 1 ))  # processes for pretraining, fine-tuning runs at a time
+launch=("$python" -m accelerate.commands.launch --num_processes "$slots" --num_machines 1 --dynamo_backend no)
 if (( gpus > 1 )); then launch+=(--multi_gpu); fi
 start=$(date +%s)
 # shellcheck disable=SC2086
@@ -32,7 +33,6 @@ echo "pretraining wall seconds: $(( $(date +%s) - start ))" >> "$results/pretrai
 cp "$runs/lm/metrics.json" "$results/pretrain.metrics.json"
 cp "$runs/lm/config.yaml" "$results/pretrain.config.yaml"
 
-slots=$(( gpus > 1 ? gpus : 1 ))
 finetune() {  # seed gpu
   # shellcheck disable=SC2086
   CUDA_VISIBLE_DEVICES=$2 "$python" scripts/train.py --config "$classifier_config" --prepared "$prepared" \

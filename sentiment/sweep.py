@@ -471,9 +471,9 @@ def run_sweep(
     no trial starts later than that many seconds after this call (running trials finish), so a sweep fits a time
     slot without trials cut short; a later call with the same folder continues it.
     """
-    deadline = time.time() + stop_after if stop_after is not None else None
     if stop_after is not None and stop_after < 0:
         raise SweepError(f"stop_after is {stop_after}: give the seconds after which no trial starts (0 or more)")
+    deadline = time.time() + stop_after if stop_after is not None else None
     spec = load_sweep(sweep_file)
     sweep_path = Path(sweep_dir or Path("sweeps") / spec.name).resolve()  # trials record absolute run folders
     sweep_path.mkdir(parents=True, exist_ok=True)
