@@ -29,15 +29,17 @@ def lstm_layers(
     inputs: torch.Tensor,
     state: tuple[torch.Tensor, torch.Tensor],
     weights: list[torch.Tensor],
+    *,
+    train: bool,
     num_layers: int = 1,
     dropout: float = 0.0,
-    train: bool = False,
     bidirectional: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``torch.lstm`` (batch first, with biases; ``weights`` in its order) returning (outputs, h, c), in bfloat16
     under a bfloat16 autocast. PyTorch's autocast runs cuDNN's LSTM in float16 whatever the autocast dtype (its
     AutocastRNN wrapper), which overflows without a gradient scaler: a large LSTM fine-tuned under ``bf16`` had
-    infinite gradients in most steps. Here the LSTM gets the range the user asked for."""
+    infinite gradients in most steps. Here the LSTM gets the range the user asked for. ``train`` has no default:
+    cuDNN keeps what its backward pass needs only in training mode (``train=False`` then fails in backward)."""
     if bf16_autocast(inputs.device.type):
         with torch.autocast(inputs.device.type, enabled=False):
             bf16 = torch.bfloat16
@@ -253,7 +255,9 @@ class LSTMClassifier(
                 layer_input = torch.cat([layer_input, padding], dim=-1)
                 for index in (0, 4):  # weight_ih of each direction
                     weights[index] = torch.cat([weights[index], gate_column.to(weights[index].dtype)], dim=1)
-            layer_input = lstm_layers(layer_input, (zeros, zeros), weights, bidirectional=bidirectional)[0]
+            layer_input = lstm_layers(
+                layer_input, (zeros, zeros), weights, train=self.training, bidirectional=bidirectional
+            )[0]
         rows_index = torch.arange(batch, device=embedded.device)
         final = layer_input[rows_index, lengths - 1, :hidden_size]
         if bidirectional:
@@ -279,7 +283,7 @@ class LSTMClassifier(
                     sequence = layer_input.gather(1, reverse_index.expand(-1, -1, layer_input.shape[-1]))
                 else:
                     sequence = layer_input
-                output = lstm_layers(sequence, (zeros, zeros), weights)[0]
+                output = lstm_layers(sequence, (zeros, zeros), weights, train=self.training)[0]
                 if direction:
                     output = output.gather(1, reverse_index.expand(-1, -1, hidden_size))
                 outputs.append(output)

@@ -78,7 +78,9 @@ class LSTMLanguageModel(
             F.dropout(weight, drop, True) if drop > 0 and name.startswith("weight_hh") else weight
             for name, weight in lstm.named_parameters()
         ]
-        outputs, *new_state = lstm_layers(embedded, state, weights, lstm.num_layers, lstm.dropout, self.training)
+        outputs, *new_state = lstm_layers(
+            embedded, state, weights, train=self.training, num_layers=lstm.num_layers, dropout=lstm.dropout
+        )
         state = tuple(new_state)
         features = self.dropout(self.projection(outputs))
         return F.linear(features, self.embedding.weight, self.decoder_bias), state

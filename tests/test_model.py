@@ -225,3 +225,25 @@ def test_bf16_autocast_runs_the_lstm_in_bfloat16(rnn_input: str) -> None:
     logits.float().sum().backward()
     for param in model.parameters():
         assert param.dtype == torch.float32 and param.grad is not None and torch.isfinite(param.grad).all()
+
+
+@pytest.mark.parametrize("rnn_input", ["padded", "fused"])
+def test_lstm_runs_in_training_mode_only_while_training(rnn_input: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The padded and fused paths call ``torch.lstm`` with ``train`` set as the model is: cuDNN keeps what its
+    backward pass needs only in training mode (with ``train=False`` backward fails on a GPU, though not on CPU)."""
+    modes: list[bool] = []
+    real_lstm = torch.lstm
+
+    def recording_lstm(*args: object) -> object:
+        modes.append(bool(args[6]))  # torch.lstm(input, hx, params, has_biases, num_layers, dropout, train, ...)
+        return real_lstm(*args)
+
+    monkeypatch.setattr(torch, "lstm", recording_lstm)
+    model = LSTMClassifier(50, 8, 12, 2, bidirectional=True, rnn_input=rnn_input)
+    ids, lengths = padded_batch(50, [9, 4, 7])
+    model.train()(ids, lengths).sum().backward()
+    assert modes and all(modes)
+    modes.clear()
+    with torch.no_grad():
+        model.eval()(ids, lengths)
+    assert modes and not any(modes)
