@@ -20,15 +20,24 @@ from sentiment.model import LSTMClassifier
 
 
 def zero_nonfinite_gradients(parameters: list[nn.Parameter], max_grad_norm: float | None) -> torch.Tensor:
-    """Clip the gradients of ``parameters`` to ``max_grad_norm`` (when given); if their norm is not finite (an
-    overflow or a NaN in this step), set them all to zero so that one bad step cannot turn the weights into NaN.
-    Returns 1 for such a step, else 0, as a device tensor (no host sync: CUDA graphs can capture it)."""
+    """Clip the gradients of ``parameters`` to ``max_grad_norm`` (when given); if any of them is infinite or NaN
+    (an overflow in this step), set them all to zero so that one bad step cannot turn the weights into NaN.
+    Returns 1 for such a step, else 0, as a device tensor (no host sync: CUDA graphs can capture it).
+
+    The norm is taken of the gradients divided by their largest magnitude: ``clip_grad_norm_`` squares them in
+    their own dtype, so finite gradients above ~1.8e19 (an exploding LSTM under bfloat16 or float32) give an
+    infinite norm and would be zeroed as an overflow; here they are clipped like any other."""
     grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros((), dtype=torch.int64)
+    largest = nn.utils.get_total_norm(grads, norm_type=float("inf"), foreach=True)  # inf or NaN if any is
+    nonfinite = ~torch.isfinite(largest)
     if max_grad_norm is not None:
-        norm = nn.utils.clip_grad_norm_(parameters, max_grad_norm, foreach=True)
-    else:
-        norm = nn.utils.get_total_norm(grads, foreach=True)
-    nonfinite = ~torch.isfinite(norm)
+        scale = torch.where(nonfinite | (largest == 0), torch.ones_like(largest), largest)
+        relative_norm = nn.utils.get_total_norm([grad / scale for grad in grads], foreach=True)  # <= sqrt(count)
+        clip = torch.clamp((max_grad_norm / scale) / (relative_norm + 1e-6 / scale), max=1.0)
+        for grad in grads:
+            grad.mul_(clip)
     for grad in grads:
         grad.masked_fill_(nonfinite, 0.0)
     return nonfinite.to(torch.int64)

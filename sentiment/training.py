@@ -229,10 +229,9 @@ def train_epoch(
         logits = model(batch["input_ids"].to(device, non_blocking=True), batch["lengths"])
         loss = F.binary_cross_entropy_with_logits(logits.float(), labels)
         accelerator.backward(loss)
-        if accelerator.scaler is None:  # (fp16's gradient scaler skips overflowing steps itself)
-            nonfinite_steps += zero_nonfinite_gradients(params, cfg.max_grad_norm)
-        elif cfg.max_grad_norm is not None:
-            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+        if accelerator.scaler is not None:  # fp16: true gradients first; the scaler then skips overflowed steps
+            accelerator.unscale_gradients()
+        nonfinite_steps += zero_nonfinite_gradients(params, cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if scheduler is not None:

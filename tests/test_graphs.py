@@ -84,15 +84,36 @@ def test_weighted_step_on_fixed_shape_equals_plain_step(bidirectional: bool) -> 
 
 
 def test_zero_nonfinite_gradients_clips_or_zeroes() -> None:
-    """Finite gradients are clipped to the norm and kept; one infinite entry sets every gradient to zero."""
+    """Finite gradients are clipped to the norm and kept; one infinite or NaN entry sets every gradient to zero."""
     params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))]
     params[0].grad = torch.tensor([3.0, 0.0, 4.0])
     params[1].grad = torch.zeros(2, 2)
     assert zero_nonfinite_gradients(params, max_grad_norm=1.0).item() == 0
     torch.testing.assert_close(params[0].grad, torch.tensor([0.6, 0.0, 0.8]), rtol=1e-4, atol=1e-6)
-    params[1].grad[0, 1] = float("inf")
-    assert zero_nonfinite_gradients(params, max_grad_norm=None).item() == 1
-    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in params)
+    params[0].grad = torch.tensor([0.5, 0.0, 0.0])  # below the norm: unchanged
+    assert zero_nonfinite_gradients(params, max_grad_norm=1.0).item() == 0
+    torch.testing.assert_close(params[0].grad, torch.tensor([0.5, 0.0, 0.0]))
+    for bad in (float("inf"), float("nan")):
+        params[1].grad[0, 1] = bad
+        assert zero_nonfinite_gradients(params, max_grad_norm=None).item() == 1
+        assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in params)
+        params[1].grad[0, 1] = bad
+        assert zero_nonfinite_gradients(params, max_grad_norm=1.0).item() == 1
+        assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in params)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_huge_finite_gradients_are_clipped_not_zeroed(dtype: torch.dtype) -> None:
+    """Gradients of 1e30 (an exploding LSTM; their squares overflow, so clip_grad_norm_'s norm is infinite) are
+    finite: they are clipped to the norm in their own direction, and the step is not counted as an overflow."""
+    params = [torch.nn.Parameter(torch.zeros(3, dtype=dtype)), torch.nn.Parameter(torch.zeros(2, dtype=dtype))]
+    params[0].grad = torch.tensor([3e30, 0.0, -4e30], dtype=dtype)
+    params[1].grad = torch.tensor([1.0, 0.0], dtype=dtype)
+    assert not torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in params]))  # what clipping used
+    assert zero_nonfinite_gradients(params, max_grad_norm=2.0).item() == 0
+    expected = torch.tensor([1.2, 0.0, -1.6])
+    torch.testing.assert_close(params[0].grad.float(), expected, rtol=1e-2, atol=1e-6)
+    assert params[1].grad.abs().max().item() < 1e-20  # its share of the norm, next to 5e30
 
 
 def test_step_with_nan_gradients_leaves_the_weights_finite() -> None:
