@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -50,7 +51,7 @@ class TrainConfig:
     n_layers: int = 1
     dropout: float = 0.5
     bidirectional: bool = False
-    rnn_input: Literal["auto", "packed", "padded", "fused"] = "auto"
+    rnn_input: Literal["auto", "packed", "padded", "fused", "triton"] = "auto"
     cuda_graphs: bool = True
     init_from: str | None = None
     pooling: Literal["last", "max", "mean", "concat"] = "last"
@@ -145,6 +146,10 @@ def _range_problems(cfg: TrainConfig) -> list[str | None]:
             cfg.weight_dropout == 0 or cfg.rnn_input != "packed",
             "weight_dropout needs the padded or fused path (nn.LSTM on packed input keeps its own weights); "
             "set rnn_input: auto",
+        ),
+        check(
+            cfg.rnn_input != "triton" or importlib.util.find_spec("triton") is not None,
+            "rnn_input triton needs the triton package: pip install triton (or use rnn_input: auto)",
         ),
         check(0 < cfg.lr_layer_decay <= 1, f"lr_layer_decay must be in (0, 1] (got {cfg.lr_layer_decay})"),
         check(cfg.bptt >= 2, f"bptt must be >= 2 (got {cfg.bptt})"),

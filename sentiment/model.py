@@ -13,7 +13,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-RNN_INPUTS = ("auto", "packed", "padded", "fused")
+RNN_INPUTS = ("auto", "packed", "padded", "fused", "triton")
 POOLINGS = ("last", "max", "mean", "concat")
 # Added to the input gate's pre-activation at padding by the fused BiLSTM path: sigmoid(-1e4) is exactly 0 in
 # float16/32/64 (no weight a trained LSTM reaches can lift it back), and -1e4 is representable in float16.
@@ -101,7 +101,10 @@ class LSTMClassifier(
     cuDNN call per layer, both directions at once, on the padded tensor (no packing, so no per-step host work, and
     the whole batch shape is fixed, which CUDA graphs need); for a BiLSTM an extra input column marks the padding
     and closes the input gate there, so the backward direction, which meets the padding first, keeps a zero
-    state until the review's last token. ``auto``: fused on GPU, padded on CPU.
+    state until the review's last token. ``triton`` (experimental, not yet measured on a GPU): the Triton LSTM of
+    :mod:`sentiment.triton_lstm`, one persistent kernel per layer for each pass, each review read from its real
+    first and last token (needs ``triton``; on CPU only in Triton's interpreter). ``auto``: fused on GPU, padded
+    on CPU.
     """
 
     def __init__(
@@ -184,6 +187,8 @@ class LSTMClassifier(
             outputs, final = self._packed_final(embedded, lengths)
         elif path == "fused":
             outputs, final = self._fused_final(embedded, lengths)
+        elif path == "triton":
+            outputs, final = self._triton_final(embedded, lengths)
         else:
             outputs, final = self._padded_final(embedded, lengths)
         return self.classifier(self.dropout(self._pool(outputs, final, lengths))).squeeze(-1)
@@ -263,6 +268,18 @@ class LSTMClassifier(
         if bidirectional:
             final = torch.cat([final, layer_input[:, 0, hidden_size:]], dim=-1)
         return layer_input, final
+
+    def _triton_final(self, embedded: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from sentiment.triton_lstm import triton_lstm_layers
+
+        weights = [weight for layer in range(self.lstm.num_layers) for weight in self._layer_weights(layer)]
+        outputs, hidden, _ = triton_lstm_layers(
+            embedded, lengths, weights, self.lstm.num_layers, self.lstm.bidirectional,
+            dropout=self.lstm.dropout, train=self.training, validate=False,
+        )  # fmt: skip
+        if self.lstm.bidirectional:
+            return outputs, torch.cat([hidden[-2], hidden[-1]], dim=-1)
+        return outputs, hidden[-1]
 
     def _padded_final(self, embedded: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, steps, _ = embedded.shape

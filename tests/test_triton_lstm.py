@@ -1,0 +1,225 @@
+"""The Triton LSTM (sentiment/triton_lstm.py) against nn.LSTM on packed sequences: outputs at real positions,
+final states, and the gradients of the input, the weights, the biases and the initial state, in float32.
+
+No GPU here: the kernels run in Triton's interpreter on CPU tensors. TRITON_INTERPRET=1 has to be set before
+triton is first imported (triton.language's functions are wrapped then), so this file sets it at collection
+when nothing has imported triton yet (it stays set for the session; no other test uses triton), and skips if
+triton came first without it. The interpreter runs a program's whole block at once with
+numpy, so it checks the arithmetic, masks and indexing, not races between threads of a program on a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+if "triton" not in sys.modules:  # triton.language is interpreted or compiled from its import on
+    os.environ["TRITON_INTERPRET"] = "1"
+triton = pytest.importorskip("triton")
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+if not isinstance(triton.language.sigmoid, InterpretedFunction):
+    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+
+from sentiment import triton_lstm as tlstm  # noqa: E402
+from sentiment.triton_lstm import TritonLSTMConfig, triton_lstm, triton_lstm_layers  # noqa: E402
+
+LENGTHS = [7, 1, 4, 7, 3]
+# Chunks of 16 so that H=20 takes two chunks (the second masked) and H=12 one masked chunk.
+SMALL = TritonLSTMConfig(block_b=16, block_h=16, block_k=16)
+
+
+@pytest.fixture(autouse=True)
+def interpreter() -> Iterator[None]:
+    """Triton's interpreter for every test here (CPU tensors)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "1")
+        yield
+
+
+def reference(
+    lstm: nn.LSTM, x: torch.Tensor, lengths: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """nn.LSTM on the packed batch, outputs padded back to x's length (zeros after each row's length)."""
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    outputs, (h_n, c_n) = lstm(packed, hx)
+    outputs, _ = pad_packed_sequence(outputs, batch_first=True, total_length=x.shape[1])
+    return outputs, h_n, c_n
+
+
+def loss_of(outputs: torch.Tensor, h_n: torch.Tensor, c_n: torch.Tensor) -> torch.Tensor:
+    return (outputs**2).sum() + (h_n * c_n).sum()
+
+
+def compare(
+    input_size: int,
+    hidden: int,
+    lengths: list[int],
+    bidirectional: bool,
+    num_layers: int = 1,
+    with_hx: bool = False,
+    config: TritonLSTMConfig = SMALL,
+    steps: int | None = None,
+) -> None:
+    """Forward values and every gradient of the Triton LSTM match nn.LSTM's (float32, tight tolerances)."""
+    torch.manual_seed(len(lengths) * 100 + hidden + num_layers + 7 * bidirectional)
+    directions = 2 if bidirectional else 1
+    batch, steps = len(lengths), steps or max(lengths)
+    lstm = nn.LSTM(input_size, hidden, num_layers=num_layers, bidirectional=bidirectional, batch_first=True)
+    x = torch.randn(batch, steps, input_size, requires_grad=True)
+    lengths_t = torch.tensor(lengths)
+    hx = None
+    if with_hx:
+        hx = tuple(torch.randn(num_layers * directions, batch, hidden, requires_grad=True) for _ in range(2))
+    expected = reference(lstm, x, lengths_t, hx)
+    leaves = [x, *lstm._flat_weights, *(hx or ())]
+    expected_grads = torch.autograd.grad(loss_of(*expected), leaves)
+
+    weights = [w.detach().clone().requires_grad_() for w in lstm._flat_weights]
+    if num_layers == 1:
+        got = triton_lstm(x, lengths_t, weights, bidirectional, hx, config)
+    else:
+        got = triton_lstm_layers(x, lengths_t, weights, num_layers, bidirectional, hx, config=config)
+    got_grads = torch.autograd.grad(loss_of(*got), [x, *weights, *(hx or ())])
+
+    for name, want, have in zip(("outputs", "h_n", "c_n"), expected, got, strict=True):
+        assert have.shape == want.shape, name
+        torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5, msg=name)
+    names = ["x", *lstm._flat_weights_names, *(["h0", "c0"] if with_hx else [])]
+    for name, want, have in zip(names, expected_grads, got_grads, strict=True):
+        torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-5, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("hidden", [12, 20])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_matches_packed_nn_lstm(hidden: int, bidirectional: bool) -> None:
+    compare(6, hidden, LENGTHS, bidirectional)
+
+
+def test_initial_state_and_padding_beyond_the_longest_row() -> None:
+    """A given (h0, c0) gets its gradient; x longer than every row (T=9 > 7) changes nothing."""
+    compare(6, 20, LENGTHS, True, with_hx=True, steps=9)
+
+
+def test_several_blocks_of_rows() -> None:
+    """20 rows in blocks of 16: rows sorted by length across two programs, the last block partly empty."""
+    lengths = [3, 11, 1, 8, 8, 2, 11, 5, 7, 4, 9, 10, 6, 1, 3, 2, 11, 5, 9, 7]
+    compare(5, 20, lengths, True, config=TritonLSTMConfig(block_b=16, block_h=16, block_k=32))
+
+
+def test_two_layers() -> None:
+    compare(6, 12, LENGTHS, True, num_layers=2, with_hx=True)
+
+
+def test_inference_without_grad_saves_nothing_and_matches() -> None:
+    torch.manual_seed(0)
+    lstm = nn.LSTM(4, 12, bidirectional=True, batch_first=True)
+    x = torch.randn(5, 7, 4)
+    lengths = torch.tensor(LENGTHS)
+    with torch.no_grad():
+        want = reference(lstm, x, lengths, None)
+        got = triton_lstm(x, lengths, list(lstm._flat_weights), True, config=SMALL)
+    for have, expected in zip(got, want, strict=True):
+        torch.testing.assert_close(have, expected, rtol=1e-5, atol=1e-5)
+    assert not got[0].requires_grad
+
+
+def test_zero_length_row_keeps_its_initial_state() -> None:
+    torch.manual_seed(0)
+    lstm = nn.LSTM(4, 12, bidirectional=True, batch_first=True)
+    x = torch.randn(3, 5, 4)
+    h0, c0 = torch.randn(2, 3, 12), torch.randn(2, 3, 12)
+    with torch.no_grad():
+        outputs, h_n, c_n = triton_lstm(x, torch.tensor([5, 0, 2]), list(lstm._flat_weights), True, (h0, c0), SMALL)
+    assert outputs[1].abs().max() == 0
+    assert torch.equal(h_n[:, 1], h0[:, 1])
+    assert torch.equal(c_n[:, 1], c0[:, 1])
+
+
+def test_bad_arguments() -> None:
+    lstm = nn.LSTM(4, 12, batch_first=True)
+    x = torch.randn(2, 5, 4)
+    with pytest.raises(ValueError, match="lengths must lie"):
+        triton_lstm(x, torch.tensor([6, 2]), list(lstm._flat_weights))
+    with pytest.raises(ValueError, match="weights"):
+        triton_lstm(x, torch.tensor([5, 2]), list(lstm._flat_weights)[:3])
+    with pytest.raises(ValueError, match="power of two"):
+        TritonLSTMConfig(block_h=24)
+
+
+def test_clear_errors_without_triton_or_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    lstm = nn.LSTM(4, 12, batch_first=True)
+    x = torch.randn(2, 5, 4)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        triton_lstm(x, torch.tensor([5, 2]), list(lstm._flat_weights))
+    monkeypatch.setattr(tlstm, "triton", None)
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes ``import triton`` fail
+    with pytest.raises(ImportError, match="pip install triton"):
+        triton_lstm(x, torch.tensor([5, 2]), list(lstm._flat_weights))
+
+
+def test_kernels_compile_for_h200_without_spills() -> None:
+    """Both kernels compile for sm_90 (H100/H200) with Triton's own ptxas, no GPU needed, at H=150 (the
+    BiLSTM's size) with the default config, and ptxas reports no register spills. A subprocess, since this
+    session's triton is in interpreter mode."""
+    script = "import json; from sentiment.triton_lstm import compile_report; print(json.dumps(compile_report(150)))"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1]
+    )
+    if result.returncode and "ptxas" in result.stderr and "No such file" in result.stderr:
+        pytest.skip("this triton has no bundled ptxas")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    for kernel in ("forward", "backward"):
+        assert report[kernel]["registers"] <= 255
+        assert report[kernel]["spill_stores"] == 0, report
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_classifier_triton_path_matches_padded_path(bidirectional: bool) -> None:
+    """``LSTMClassifier(rnn_input="triton")`` gives the logits and every gradient of the exact ``padded`` path
+    (2 layers, concat pooling, DropConnect off so both paths see the same weights), on reviews padded past their
+    lengths as bucketed batches are."""
+    from sentiment.model import LSTMClassifier
+
+    torch.manual_seed(0)
+    model = LSTMClassifier(60, 8, 12, 2, bidirectional, dropout=0.0, pooling="concat").train()
+    lengths = torch.tensor([9, 1, 4, 9, 6, 2])
+    ids = torch.randint(2, 60, (len(lengths), 12))
+    ids[torch.arange(12).unsqueeze(0) >= lengths.unsqueeze(1)] = model.pad_id
+    results = []
+    for rnn_input in ("padded", "triton"):
+        model.rnn_input = rnn_input
+        model.zero_grad()
+        logits = model(ids, lengths)
+        (logits**2).sum().backward()
+        results.append((logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    assert len(results[1][1]) == len(results[0][1])
+    for padded_grad, triton_grad in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(triton_grad, padded_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_triton_path_is_a_config_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``rnn_input: triton`` passes the config's checks where triton is installed (it is, in this module), and
+    fails them with the fix named where it is not."""
+    import importlib.util
+
+    from sentiment.config import ConfigError, build_config
+
+    assert build_config(None, {"rnn_input": "triton"}).rnn_input == "triton"
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "triton" else find_spec(name))
+    with pytest.raises(ConfigError, match="pip install triton"):
+        build_config(None, {"rnn_input": "triton"})
