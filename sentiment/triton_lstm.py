@@ -18,6 +18,10 @@ What runs where, for one layer of hidden size ``H`` and ``D`` directions:
   recurrent gradient ``dh_prev = d_gates_t @ W_hh`` (``tl.dot``);
 * ``dW_hh = sum_t d_gates_t^T @ h_{t-1}``: one GEMM in PyTorch over all steps.
 
+The recurrent dots are float32 (``precision`` "ieee", "tf32" or "tf32x3"), or, with "bf16", take W_hh in bfloat16
+(half the bytes that every step re-reads) and h or the gate gradients rounded to bfloat16, accumulating in
+float32; nothing else changes (see :data:`PRECISIONS`).
+
 Lengths: the forward direction runs positions 0..len-1 and writes zeros after; the reverse direction runs, at
 step s, position len-1-s, so each review is read backwards from its real last token and no padding ever enters
 the state (as ``nn.LSTM`` on a packed sequence). Final states: the forward direction's state after each row's
@@ -60,9 +64,14 @@ __all__ = [
     "triton_lstm_layers",
 ]
 
-# ``tl.dot``'s input precision for float32 operands: "ieee" is exact float32 (CUDA cores, no tensor cores);
-# "tf32" and "tf32x3" use tensor cores (tf32x3 recovers nearly float32 accuracy with three tf32 products).
-PRECISIONS = ("ieee", "tf32", "tf32x3")
+# The recurrent dots' precision. "ieee", "tf32" and "tf32x3" are ``tl.dot``'s input precision for float32
+# operands: "ieee" is exact float32 (CUDA cores, no tensor cores); "tf32" and "tf32x3" use tensor cores (tf32x3
+# recovers nearly float32 accuracy with three tf32 products). "bf16": W_hh goes to the kernels in bfloat16 (cast
+# once per call; half the bytes read per step) and the other operand (h forward, the gate gradients backward) is
+# rounded to bfloat16 just before each ``tl.dot``, which accumulates in float32 on tensor cores; everything else
+# (gates, states, saved activations, every gradient, dW_hh's GEMM) stays float32, and W_hh's gradient reaches the
+# float32 parameter as with the other precisions.
+PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16")
 
 
 def triton_available() -> bool:
@@ -83,7 +92,8 @@ class TritonLSTMConfig:
     of the K loop; None: Triton's default) go to the launch. ``precision``: one of :data:`PRECISIONS`.
 
     The defaults compile for sm_90 (H200) at H=150 without register spills in either kernel (ptxas: forward 154,
-    backward 182 registers); 4 warps spill in the backward kernel, and so does tf32 with 4 warps.
+    backward 182 registers; with precision "bf16": 163 and 207); 4 warps spill in the backward kernel, and so
+    does tf32 with 4 warps (and, with 8, tf32's forward kernel spills 52 bytes at H=150; triton 3.6).
     """
 
     def __init__(
@@ -106,6 +116,16 @@ class TritonLSTMConfig:
         self.num_warps = num_warps
         self.precision = precision
         self.num_stages = num_stages
+
+    @property
+    def bf16(self) -> bool:
+        """Whether the recurrent dots take bfloat16 operands (W_hh passed in bfloat16)."""
+        return self.precision == "bf16"
+
+    def kernel_constants(self) -> dict[str, Any]:
+        """The precision constexprs of both kernels: ``PRECISION`` (``tl.dot``'s input precision for float32
+        operands; unused under bf16, where ``tl.dot`` gets bfloat16 operands and no input precision) and ``BF16``."""
+        return {"PRECISION": "ieee" if self.bf16 else self.precision, "BF16": self.bf16}
 
     def launch_options(self) -> dict[str, int]:
         """Keyword arguments of the kernel launch."""
@@ -138,7 +158,7 @@ class TritonLSTMConfig:
 
 def _lstm_fwd_kernel(
     xg_ptr,  # (B, T, D*4H) float32: x @ W_ih^T + b_ih + b_hh; strides (sxb, sxt, 1)
-    wt_ptr,  # (D, H, 4H) float32, contiguous: W_hh transposed per direction
+    wt_ptr,  # (D, H, 4H) float32 (bfloat16 if BF16), contiguous: W_hh transposed per direction
     h0_ptr,  # (D, B, H) float32, contiguous
     c0_ptr,  # (D, B, H)
     rows_ptr,  # (B,) int32: program slot -> batch row (rows sorted by length, longest first)
@@ -161,6 +181,7 @@ def _lstm_fwd_kernel(
     BLOCK_K: tl.constexpr,
     SAVE: tl.constexpr,
     PRECISION: tl.constexpr,
+    BF16: tl.constexpr,
 ):
     direction = tl.program_id(0)
     slots = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -217,10 +238,17 @@ def _lstm_fwd_kernel(
                 )
                 w = wt + ks[:, None] * G + cols[None, :]
                 w_mask = k_mask[:, None] & col_mask[None, :]
-                acc_i = tl.dot(h_k, tl.load(w, mask=w_mask, other=0.0), acc_i, input_precision=PRECISION)
-                acc_f = tl.dot(h_k, tl.load(w + H, mask=w_mask, other=0.0), acc_f, input_precision=PRECISION)
-                acc_g = tl.dot(h_k, tl.load(w + 2 * H, mask=w_mask, other=0.0), acc_g, input_precision=PRECISION)
-                acc_o = tl.dot(h_k, tl.load(w + 3 * H, mask=w_mask, other=0.0), acc_o, input_precision=PRECISION)
+                if BF16:  # bfloat16 operands (W^T is bfloat16 in memory), float32 accumulators
+                    h_b = h_k.to(tl.bfloat16)
+                    acc_i = tl.dot(h_b, tl.load(w, mask=w_mask, other=0.0), acc_i)
+                    acc_f = tl.dot(h_b, tl.load(w + H, mask=w_mask, other=0.0), acc_f)
+                    acc_g = tl.dot(h_b, tl.load(w + 2 * H, mask=w_mask, other=0.0), acc_g)
+                    acc_o = tl.dot(h_b, tl.load(w + 3 * H, mask=w_mask, other=0.0), acc_o)
+                else:
+                    acc_i = tl.dot(h_k, tl.load(w, mask=w_mask, other=0.0), acc_i, input_precision=PRECISION)
+                    acc_f = tl.dot(h_k, tl.load(w + H, mask=w_mask, other=0.0), acc_f, input_precision=PRECISION)
+                    acc_g = tl.dot(h_k, tl.load(w + 2 * H, mask=w_mask, other=0.0), acc_g, input_precision=PRECISION)
+                    acc_o = tl.dot(h_k, tl.load(w + 3 * H, mask=w_mask, other=0.0), acc_o, input_precision=PRECISION)
             gate_i = tl.sigmoid(acc_i)
             gate_f = tl.sigmoid(acc_f)
             gate_g = 2.0 * tl.sigmoid(2.0 * acc_g) - 1.0
@@ -261,7 +289,7 @@ def _lstm_bwd_kernel(
     act_ptr,  # (B, T, D*4H) saved gate activations
     cs_ptr,  # (B, T, D*H) saved cell states
     c0_ptr,  # (D, B, H) initial cell state
-    w_ptr,  # (D, 4H, H) float32, contiguous: W_hh
+    w_ptr,  # (D, 4H, H) float32 (bfloat16 if BF16), contiguous: W_hh
     dhn_ptr,  # (D, B, H) gradient of the final h
     dcn_ptr,  # (D, B, H) gradient of the final c
     dg_ptr,  # (B, T, D*4H) float32, zero-filled: gradient of the gate pre-activations (= of x_gates)
@@ -279,6 +307,7 @@ def _lstm_bwd_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    BF16: tl.constexpr,
 ):
     direction = tl.program_id(0)
     slots = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -374,7 +403,10 @@ def _lstm_bwd_kernel(
                         mask=k_mask[:, None] & col_mask[None, :],
                         other=0.0,
                     )
-                    acc = tl.dot(d_k, w_k, acc, input_precision=PRECISION)
+                    if BF16:  # bfloat16 operands (W is bfloat16 in memory), float32 accumulator
+                        acc = tl.dot(d_k.to(tl.bfloat16), w_k, acc)
+                    else:
+                        acc = tl.dot(d_k, w_k, acc, input_precision=PRECISION)
             scratch = slot64[:, None] * H + cols[None, :]
             state_mask = slot_mask[:, None] & col_mask[None, :]
             dh_old = tl.load(dh_ptr + buf_in + scratch, mask=state_mask, other=0.0)
@@ -447,8 +479,9 @@ def compile_report(
         raise RuntimeError("compile_report needs TRITON_INTERPRET off")
     constants = {
         "H": hidden, "D": directions, "BLOCK_B": config.block_b, "BLOCK_H": config.block_h,
-        "BLOCK_K": config.block_k, "PRECISION": config.precision,
+        "BLOCK_K": config.block_k, **config.kernel_constants(),
     }  # fmt: skip
+    weights = ("wt_ptr", "w_ptr")  # W_hh^T (forward), W_hh (backward): bfloat16 under bf16
     report = {}
     for name, kernel, consts in (("forward", fwd, {**constants, "SAVE": True}), ("backward", bwd, constants)):
         signature = {}
@@ -457,6 +490,8 @@ def compile_report(
                 signature[arg] = "constexpr"
             elif arg.endswith("_ptr"):
                 signature[arg] = "*i32" if arg in ("rows_ptr", "lens_ptr") else "*fp32"
+                if arg in weights and config.bf16:
+                    signature[arg] = "*bf16"
             else:
                 signature[arg] = "i32"
         source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=consts)
@@ -528,13 +563,14 @@ class _TritonLSTMFunction(torch.autograd.Function):
         cc = torch.empty_like(hs)
         h_n = x_gates.new_empty(directions, batch, hidden)
         c_n = torch.empty_like(h_n)
-        w_t = w_hh.transpose(1, 2).contiguous()
+        # W_hh^T per direction, (D, H, 4H): bfloat16 under bf16 (cast before the transposing copy: half the bytes).
+        w_t = (w_hh.bfloat16() if config.bf16 else w_hh).transpose(1, 2).contiguous()
         grid = (directions, triton.cdiv(batch, config.block_b))
         fwd[grid](
             x_gates, w_t, h0.contiguous(), c0.contiguous(), rows, lens, out, act, cs, hs, cc, h_n, c_n,
             batch, steps, x_gates.stride(0), x_gates.stride(1),
             H=hidden, D=directions, BLOCK_B=config.block_b, BLOCK_H=config.block_h, BLOCK_K=config.block_k,
-            SAVE=save, PRECISION=config.precision, **config.launch_options(),
+            SAVE=save, **config.kernel_constants(), **config.launch_options(),
         )  # fmt: skip
         if save:
             ctx.save_for_backward(w_hh, h0, c0, rows, lens, out, act, cs)
@@ -558,12 +594,13 @@ class _TritonLSTMFunction(torch.autograd.Function):
         dc = torch.empty_like(dh)
         d_h0 = out.new_empty(directions, batch, hidden)
         d_c0 = torch.empty_like(d_h0)
+        w_k = (w_hh.bfloat16() if config.bf16 else w_hh).contiguous()  # (D, 4H, H); the saved w_hh is float32
         grid = (directions, triton.cdiv(batch, config.block_b))
         bwd[grid](
-            d_out, act, cs, c0.contiguous(), w_hh.contiguous(), d_hn, d_cn, d_gates, dh, dc, d_h0, d_c0, rows, lens,
+            d_out, act, cs, c0.contiguous(), w_k, d_hn, d_cn, d_gates, dh, dc, d_h0, d_c0, rows, lens,
             batch, steps,
             H=hidden, D=directions, BLOCK_B=config.block_b, BLOCK_H=config.block_h, BLOCK_K=config.block_k,
-            PRECISION=config.precision, **config.launch_options(),
+            **config.kernel_constants(), **config.launch_options(),
         )  # fmt: skip
         d_w_hh = None
         if ctx.needs_input_grad[1]:
@@ -615,8 +652,9 @@ def triton_lstm(
     ``w_hh`` (4H, H), ``b_ih`` (4H), ``b_hh`` (4H) per direction (biases optional, all or none); ``hx`` optional
     ``(h0, c0)``, each (D, B, H). Returns ``outputs`` (B, T, D*H) with zeros past each row's length, ``h_n`` and
     ``c_n`` (D, B, H): the forward direction's state at each row's last real token, the reverse direction's after
-    position 0. Everything differentiable (x, weights, hx) gets gradients. Computed in float32; under a bfloat16
-    autocast the input projection runs in bfloat16 and its result is cast to float32 for the recurrence.
+    position 0. Everything differentiable (x, weights, hx) gets gradients. Computed in float32 (but for the
+    recurrent dots' operands under ``config.precision="bf16"``); under a bfloat16 autocast the input projection
+    runs in bfloat16 and its result is cast to float32 for the recurrence.
     ``validate=False`` skips the range check of ``lengths`` (a host sync; leave it off under CUDA graph capture).
     """
     _require_triton()

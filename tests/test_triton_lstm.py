@@ -16,7 +16,9 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -25,6 +27,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 if "triton" not in sys.modules:  # triton.language is interpreted or compiled from its import on
     os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 if not isinstance(triton.language.sigmoid, InterpretedFunction):
@@ -69,8 +72,10 @@ def compare(
     with_hx: bool = False,
     config: TritonLSTMConfig = SMALL,
     steps: int | None = None,
+    tolerance: float | None = None,
 ) -> None:
-    """Forward values and every gradient of the Triton LSTM match nn.LSTM's (float32, tight tolerances)."""
+    """Forward values and every gradient of the Triton LSTM match nn.LSTM's (float32, tight tolerances; or
+    ``tolerance`` as rtol and atol of everything)."""
     torch.manual_seed(len(lengths) * 100 + hidden + num_layers + 7 * bidirectional)
     directions = 2 if bidirectional else 1
     batch, steps = len(lengths), steps or max(lengths)
@@ -93,10 +98,12 @@ def compare(
 
     for name, want, have in zip(("outputs", "h_n", "c_n"), expected, got, strict=True):
         assert have.shape == want.shape, name
-        torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5, msg=name)
+        rtol = atol = tolerance or 1e-5
+        torch.testing.assert_close(have, want, rtol=rtol, atol=atol, msg=name)
     names = ["x", *lstm._flat_weights_names, *(["h0", "c0"] if with_hx else [])]
     for name, want, have in zip(names, expected_grads, got_grads, strict=True):
-        torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-5, msg=f"gradient of {name}")
+        rtol, atol = (tolerance, tolerance) if tolerance else (1e-4, 1e-5)
+        torch.testing.assert_close(have, want, rtol=rtol, atol=atol, msg=f"gradient of {name}")
 
 
 @pytest.mark.parametrize("hidden", [12, 20])
@@ -118,6 +125,86 @@ def test_several_blocks_of_rows() -> None:
 
 def test_two_layers() -> None:
     compare(6, 12, LENGTHS, True, num_layers=2, with_hx=True)
+
+
+@triton.jit
+def _bf16_dot_probe(a_ptr, b_ptr, c_ptr):
+    r = tl.arange(0, 16)
+    a = tl.load(a_ptr + r[:, None] * 16 + r[None, :]).to(tl.bfloat16)
+    b = tl.load(b_ptr + r[:, None] * 16 + r[None, :])
+    tl.store(c_ptr + r[:, None] * 16 + r[None, :], tl.dot(a, b))
+
+
+@pytest.fixture
+def bf16_dots() -> Iterator[None]:
+    """Makes Triton's interpreter compute ``tl.dot`` of bfloat16 operands, if it cannot already.
+
+    The interpreter (triton 3.6) stores bfloat16 as uint16 and its ``create_dot`` converts only 8-bit float
+    operands before ``np.matmul``, so a bfloat16 dot multiplies the raw bit patterns (results around 1e10;
+    triton-lang/triton#11584, whose fix #11585 was declined: "we just don't support it yet"; Triton's debugging
+    guide says the interpreter does not support operations on bfloat16). This fixture probes one small dot and,
+    if it is wrong, wraps ``create_dot`` to widen bfloat16 operands to float32 first (exact: a bfloat16 is the
+    top half of a float32), which is what the GPU's bf16 MMA computes, up to the order of the float32 sums. One
+    other difference from a GPU stays: the interpreter rounds float32 -> bfloat16 casts toward zero, the GPU to
+    nearest even (``cvt.rn``), so the kernel's own casts are up to 1 bfloat16 ulp worse here. Skips if the
+    interpreter's internals are not what this expects.
+    """
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randint(-4, 5, (16, 16), generator=generator).float()  # exact in bfloat16: the dot is exact
+    b = torch.randint(-4, 5, (16, 16), generator=generator).bfloat16()
+    c = torch.empty(16, 16)
+    want = a @ b.float()
+    _bf16_dot_probe[(1,)](a, b, c)
+    if torch.equal(c, want):
+        yield  # this triton's interpreter does bfloat16 dots
+        return
+    from triton.runtime import interpreter as triton_interpreter
+
+    builder = getattr(triton_interpreter, "InterpreterBuilder", None)
+    handle = getattr(triton_interpreter, "TensorHandle", None)
+    if builder is None or handle is None or not hasattr(builder, "create_dot"):
+        pytest.skip("Triton's interpreter multiplies bfloat16 bit patterns in tl.dot and cannot be patched here")
+    create_dot = builder.create_dot
+
+    def widen(operand: Any) -> Any:
+        if operand.dtype != tl.bfloat16:
+            return operand
+        return handle((operand.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def create_dot_bf16(self: Any, a: Any, b: Any, *args: Any) -> Any:
+        return create_dot(self, widen(a), widen(b), *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(builder, "create_dot", create_dot_bf16)
+        _bf16_dot_probe[(1,)](a, b, c)
+        if not torch.equal(c, want):
+            pytest.skip("Triton's interpreter computes bfloat16 tl.dot wrongly, even with bfloat16 widened")
+        yield
+
+
+@pytest.mark.usefixtures("bf16_dots")
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_bf16_matches_packed_nn_lstm(bidirectional: bool) -> None:
+    """precision="bf16" (W_hh in bfloat16, h and the gate gradients rounded to bfloat16 for the recurrent dots,
+    float32 everywhere else) stays within bfloat16 tolerances of nn.LSTM: outputs, states and every gradient,
+    including W_hh's (to the float32 parameter), with an initial state and padding past the longest row."""
+    config = TritonLSTMConfig(block_b=16, block_h=16, block_k=16, precision="bf16")
+    compare(6, 20, LENGTHS, bidirectional, with_hx=True, config=config, steps=9, tolerance=2e-2)
+
+
+@pytest.mark.usefixtures("bf16_dots")
+def test_bf16_rounds_the_recurrent_dots() -> None:
+    """bf16 is not float32 under another name: its outputs differ from ieee's, by about bfloat16's precision."""
+    torch.manual_seed(1)
+    lstm = nn.LSTM(4, 20, bidirectional=True, batch_first=True)
+    x = torch.randn(5, 7, 4)
+    lengths = torch.tensor(LENGTHS)
+    with torch.no_grad():
+        exact = triton_lstm(x, lengths, list(lstm._flat_weights), True, config=SMALL)[0]
+        config = TritonLSTMConfig(block_b=16, block_h=16, block_k=16, precision="bf16")
+        rounded = triton_lstm(x, lengths, list(lstm._flat_weights), True, config=config)[0]
+    difference = (rounded - exact).abs().max().item()
+    assert 1e-6 < difference < 2e-2
 
 
 def test_inference_without_grad_saves_nothing_and_matches() -> None:
@@ -168,11 +255,15 @@ def test_clear_errors_without_triton_or_gpu(monkeypatch: pytest.MonkeyPatch) -> 
         triton_lstm(x, torch.tensor([5, 2]), list(lstm._flat_weights))
 
 
-def test_kernels_compile_for_h200_without_spills() -> None:
+@pytest.mark.parametrize("precision", ["ieee", "bf16"])
+def test_kernels_compile_for_h200_without_spills(precision: str) -> None:
     """Both kernels compile for sm_90 (H100/H200) with Triton's own ptxas, no GPU needed, at H=150 (the
-    BiLSTM's size) with the default config, and ptxas reports no register spills. A subprocess, since this
-    session's triton is in interpreter mode."""
-    script = "import json; from sentiment.triton_lstm import compile_report; print(json.dumps(compile_report(150)))"
+    BiLSTM's size) with the default blocks, in exact float32 and in bf16 (bfloat16 W_hh), and ptxas reports no
+    register spills. A subprocess, since this session's triton is in interpreter mode."""
+    script = (
+        "import json; from sentiment.triton_lstm import TritonLSTMConfig, compile_report; "
+        f"print(json.dumps(compile_report(150, TritonLSTMConfig(precision={precision!r}))))"
+    )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1]
