@@ -69,6 +69,7 @@ class TrainConfig:
     warmup_ratio: float = 0.0
     lr_layer_decay: float = 1.0
     gradual_unfreezing: bool = False
+    unfreeze_warmup: float = 0.0
     early_stopping_patience: int | None = None
     bptt: int = 70
     max_grad_norm: float | None = None
@@ -155,6 +156,7 @@ def _range_problems(cfg: TrainConfig) -> list[str | None]:
         check(cfg.bptt >= 2, f"bptt must be >= 2 (got {cfg.bptt})"),
         check(cfg.weight_decay >= 0, f"weight_decay must be >= 0 (got {cfg.weight_decay})"),
         check(0 <= cfg.warmup_ratio < 1, f"warmup_ratio must be in [0, 1) (got {cfg.warmup_ratio})"),
+        check(cfg.unfreeze_warmup >= 0, f"unfreeze_warmup must be >= 0 epochs (got {cfg.unfreeze_warmup})"),
         check(
             cfg.early_stopping_patience is None or cfg.early_stopping_patience >= 1,
             f"early_stopping_patience must be >= 1, or null for none (got {cfg.early_stopping_patience})",

@@ -361,7 +361,10 @@ class LRFactor:
     With ``gradual_unfreezing`` a parameter group of ``depth`` d (``parameter_groups``) gets factor 0 during the
     first d epochs of ``steps_per_epoch`` steps: the head trains alone in the first epoch, and each epoch after
     it lets the next layer down move. (The frozen groups' weights stay exactly as they are; their gradients
-    are still computed, which keeps the step the same for CUDA graphs, and feed Adam's moments.)"""
+    are still computed, which keeps the step the same for CUDA graphs, and feed Adam's moments.) With
+    ``unfreeze_warmup`` u > 0 a group that unfreezes does not jump to the schedule's factor: it rises to it
+    linearly over its first u epochs (as fastai's ULMFiT, which restarts a one-cycle at each unfreezing stage,
+    starts each newly trained layer at a low rate); the head, trained from the start, follows the schedule."""
 
     def __init__(self, cfg: TrainConfig, total_steps: int, steps_per_epoch: int = 1, depth: int = 0) -> None:
         self.kind = cfg.lr_schedule
@@ -369,10 +372,15 @@ class LRFactor:
         self.total = max(total_steps, 1)
         self.warmup = int(ratio * self.total)
         self.frozen_steps = depth * steps_per_epoch if cfg.gradual_unfreezing else 0
+        self.unfreeze_steps = int(cfg.unfreeze_warmup * steps_per_epoch) if self.frozen_steps else 0
 
     def __call__(self, step: int) -> float:
         if step < self.frozen_steps:
             return 0.0
+        ramp = min((step - self.frozen_steps + 1) / self.unfreeze_steps, 1.0) if self.unfreeze_steps else 1.0
+        return ramp * self._schedule(step)
+
+    def _schedule(self, step: int) -> float:
         if self.kind == "constant":
             return 1.0
         start, end = (0.0, 0.0) if self.kind == "cosine" else (1 / 25, 1e-4)

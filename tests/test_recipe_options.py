@@ -123,6 +123,24 @@ def test_gradual_unfreezing_factors() -> None:
     ]
 
 
+def test_unfreeze_warmup_ramps_each_newly_unfrozen_group() -> None:
+    """With unfreeze_warmup 0.5 (epochs) a group rises linearly from 0 over half an epoch after it unfreezes, then
+    follows the schedule; the head (depth 0) follows the schedule from the first step."""
+    cfg = build_config(None, {"gradual_unfreezing": True, "unfreeze_warmup": 0.5})
+    factors = [LRFactor(cfg, total_steps=40, steps_per_epoch=10, depth=depth) for depth in range(3)]
+    assert [[f(step) for step in (0, 9, 10, 11, 14, 15, 19, 20, 24, 25, 39)] for f in factors] == [
+        [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+        [0, 0, 0.2, 0.4, 1, 1, 1, 1, 1, 1, 1],
+        [0, 0, 0, 0, 0, 0, 0, 0.2, 1, 1, 1],
+    ]
+    onecycle = build_config(None, {"gradual_unfreezing": True, "unfreeze_warmup": 0.5, "lr_schedule": "onecycle"})
+    plain = LRFactor(build_config(None, {"gradual_unfreezing": True, "lr_schedule": "onecycle"}), 40, 10, depth=1)
+    ramped = LRFactor(onecycle, 40, 10, depth=1)
+    assert ramped(12) == pytest.approx(plain(12) * 3 / 5) and ramped(30) == plain(30)
+    with pytest.raises(ConfigError, match="unfreeze_warmup"):
+        build_config(None, {"unfreeze_warmup": -1})
+
+
 def test_gradual_unfreezing_moves_only_the_unfrozen_layers(hub_imdb: Path, tmp_path: Path) -> None:
     """Two epochs of a 2-layer model with gradual unfreezing and layer decay: the head and the top LSTM layer
     train, the bottom layer and the embedding keep exactly their starting values (a run with lr 1e-30, which
