@@ -282,6 +282,14 @@ def print_table(rows: list[dict[str, Any]]) -> None:
                         f"{k} {v['registers']} registers, {v['spill_stores']} B spilled" for k, v in ptxas.items()
                     )
                 )
+                # The W_hh tile loads in each kernel's PTX by width (static counts; see ptx_global_loads).
+                print(
+                    "    weight loads: "
+                    + ", ".join(
+                        f"{k} " + " ".join(f"{n}x {form}" for form, n in v["global_loads"]["weights"].items())
+                        for k, v in ptxas.items()
+                    )
+                )
 
 
 def config_name(config: TritonLSTMConfig) -> str:
@@ -338,7 +346,7 @@ def main() -> None:
                 row = {"kind": "check", "hidden": hidden, "steps": args.check_steps, "lengths": kind,
                        "config": config.as_dict(), "config_name": config_name(config)}  # fmt: skip
                 if kind == "full" and device.type == "cuda":
-                    try:  # registers and spills of the kernels, as ptxas reports them for this GPU
+                    try:  # registers, spills and load widths of the kernels, as ptxas and the PTX show them
                         major, minor = torch.cuda.get_device_capability()
                         row["ptxas"] = compile_report(hidden, config, arch=major * 10 + minor)
                     except Exception as err:

@@ -59,6 +59,7 @@ __all__ = [
     "PRECISIONS",
     "TritonLSTMConfig",
     "compile_report",
+    "ptx_global_loads",
     "triton_available",
     "triton_lstm",
     "triton_lstm_layers",
@@ -88,12 +89,16 @@ class TritonLSTMConfig:
 
     ``block_b``: batch rows per program (>= 16, as ``tl.dot`` needs M >= 16); ``block_h``: the hidden chunk a
     program computes at a time (the N of the dots); ``block_k``: the reduction chunk (the K of the dots); both
-    powers of two >= 16, H need not be one (masks pad it). ``num_warps`` and ``num_stages`` (software pipelining
-    of the K loop; None: Triton's default) go to the launch. ``precision``: one of :data:`PRECISIONS`.
+    powers of two >= 16, H need not be one (masks cut the state chunks at H, and W_hh goes to the kernels
+    zero-padded to a multiple of both, so that its tiles load unmasked). ``num_warps``, ``num_stages`` (software
+    pipelining of the K loop; None: Triton's default) and ``maxnreg`` (ptxas's register limit per thread, ``.maxnreg``;
+    None: ptxas's own choice) go to the launch. ``precision``: one of :data:`PRECISIONS`.
 
-    The defaults compile for sm_90 (H200) at H=150 without register spills in either kernel (ptxas: forward 154,
-    backward 182 registers; with precision "bf16": 163 and 207); 4 warps spill in the backward kernel, and so
-    does tf32 with 4 warps (and, with 8, tf32's forward kernel spills 52 bytes at H=150; triton 3.6).
+    The defaults compile for sm_90 (H200) at H=150 and H=192 without register spills in either kernel, with the
+    launcher's 16-byte pointer alignment (:func:`compile_report`; triton 3.6's ptxas, H=150: forward 120, backward
+    129 registers; "bf16": 134 and 135; "tf32": 148 and 140). ``maxnreg=192`` is what avoids spills there: left to
+    itself, ptxas caps both kernels at 128 registers or fewer (for occupancy) and spills 4 to 36 bytes (H=150 ieee:
+    forward 80 registers and 8 bytes, backward 128 and 16). The kernels need 256 threads (8 warps) or ptxas spills.
     """
 
     def __init__(
@@ -104,6 +109,7 @@ class TritonLSTMConfig:
         num_warps: int = 8,
         precision: str = "ieee",
         num_stages: int | None = None,
+        maxnreg: int | None = 192,
     ) -> None:
         for name, value in (("block_b", block_b), ("block_h", block_h), ("block_k", block_k)):
             if value < 16 or value & (value - 1):
@@ -116,6 +122,7 @@ class TritonLSTMConfig:
         self.num_warps = num_warps
         self.precision = precision
         self.num_stages = num_stages
+        self.maxnreg = maxnreg
 
     @property
     def bf16(self) -> bool:
@@ -132,6 +139,8 @@ class TritonLSTMConfig:
         options = {"num_warps": self.num_warps}
         if self.num_stages is not None:
             options["num_stages"] = self.num_stages
+        if self.maxnreg is not None:
+            options["maxnreg"] = self.maxnreg
         return options
 
     def as_dict(self) -> dict[str, Any]:
@@ -139,12 +148,14 @@ class TritonLSTMConfig:
         return {
             "block_b": self.block_b, "block_h": self.block_h, "block_k": self.block_k,
             "num_warps": self.num_warps, "num_stages": self.num_stages, "precision": self.precision,
+            "maxnreg": self.maxnreg,
         }  # fmt: skip
 
     def __repr__(self) -> str:
         return (
             f"TritonLSTMConfig(block_b={self.block_b}, block_h={self.block_h}, block_k={self.block_k}, "
-            f"num_warps={self.num_warps}, precision={self.precision!r}, num_stages={self.num_stages})"
+            f"num_warps={self.num_warps}, precision={self.precision!r}, num_stages={self.num_stages}, "
+            f"maxnreg={self.maxnreg})"
         )
 
 
@@ -158,7 +169,7 @@ class TritonLSTMConfig:
 
 def _lstm_fwd_kernel(
     xg_ptr,  # (B, T, D*4H) float32: x @ W_ih^T + b_ih + b_hh; strides (sxb, sxt, 1)
-    wt_ptr,  # (D, H, 4H) float32 (bfloat16 if BF16), contiguous: W_hh transposed per direction
+    wt_ptr,  # (D, HP, 4*HP) float32 (bfloat16 if BF16), contiguous, zero-padded: W_hh transposed per direction
     h0_ptr,  # (D, B, H) float32, contiguous
     c0_ptr,  # (D, B, H)
     rows_ptr,  # (B,) int32: program slot -> batch row (rows sorted by length, longest first)
@@ -175,6 +186,7 @@ def _lstm_fwd_kernel(
     sxb,
     sxt,
     H: tl.constexpr,
+    HP: tl.constexpr,  # H padded to a multiple of BLOCK_H and BLOCK_K: the weights' layout (``_padded_hidden``)
     D: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -198,7 +210,14 @@ def _lstm_fwd_kernel(
     out_rows = out_ptr + rows[:, None] * (T * D * H) + direction * H
     act_rows = act_ptr + rows[:, None] * (T * D * G) + direction * G
     cs_rows = cs_ptr + rows[:, None] * (T * D * H) + direction * H
-    wt = wt_ptr + direction * H * G
+    # W_hh^T, padded (see ``_padded_weights``): gate g's (K, N) block at columns g*HP, every row and gate block HP
+    # long with zeros past H. The chunks below never reach past HP (HP is a multiple of BLOCK_H and BLOCK_K), so
+    # the weight tiles load unmasked, and every row, gate and chunk starts at a multiple of 16 elements: 16-byte
+    # aligned and contiguous, vector loads (the real and padded rows of W^T met by a chunk k >= H are multiplied
+    # by h_k's masked zeros; the padded columns n >= H give accumulators that no store keeps).
+    tl.static_assert(HP % BLOCK_H == 0 and HP % BLOCK_K == 0 and HP >= H)
+    GP: tl.constexpr = 4 * HP
+    wt = wt_ptr + direction * HP * GP
 
     # The initial state into scratch buffer 0.
     for n0 in range(0, H, BLOCK_H):
@@ -236,19 +255,18 @@ def _lstm_fwd_kernel(
                     mask=slot_mask[:, None] & k_mask[None, :],
                     other=0.0,
                 )
-                w = wt + ks[:, None] * G + cols[None, :]
-                w_mask = k_mask[:, None] & col_mask[None, :]
+                w = wt + ks[:, None] * GP + cols[None, :]  # unmasked: inside the padded layout
                 if BF16:  # bfloat16 operands (W^T is bfloat16 in memory), float32 accumulators
                     h_b = h_k.to(tl.bfloat16)
-                    acc_i = tl.dot(h_b, tl.load(w, mask=w_mask, other=0.0), acc_i)
-                    acc_f = tl.dot(h_b, tl.load(w + H, mask=w_mask, other=0.0), acc_f)
-                    acc_g = tl.dot(h_b, tl.load(w + 2 * H, mask=w_mask, other=0.0), acc_g)
-                    acc_o = tl.dot(h_b, tl.load(w + 3 * H, mask=w_mask, other=0.0), acc_o)
+                    acc_i = tl.dot(h_b, tl.load(w), acc_i)
+                    acc_f = tl.dot(h_b, tl.load(w + HP), acc_f)
+                    acc_g = tl.dot(h_b, tl.load(w + 2 * HP), acc_g)
+                    acc_o = tl.dot(h_b, tl.load(w + 3 * HP), acc_o)
                 else:
-                    acc_i = tl.dot(h_k, tl.load(w, mask=w_mask, other=0.0), acc_i, input_precision=PRECISION)
-                    acc_f = tl.dot(h_k, tl.load(w + H, mask=w_mask, other=0.0), acc_f, input_precision=PRECISION)
-                    acc_g = tl.dot(h_k, tl.load(w + 2 * H, mask=w_mask, other=0.0), acc_g, input_precision=PRECISION)
-                    acc_o = tl.dot(h_k, tl.load(w + 3 * H, mask=w_mask, other=0.0), acc_o, input_precision=PRECISION)
+                    acc_i = tl.dot(h_k, tl.load(w), acc_i, input_precision=PRECISION)
+                    acc_f = tl.dot(h_k, tl.load(w + HP), acc_f, input_precision=PRECISION)
+                    acc_g = tl.dot(h_k, tl.load(w + 2 * HP), acc_g, input_precision=PRECISION)
+                    acc_o = tl.dot(h_k, tl.load(w + 3 * HP), acc_o, input_precision=PRECISION)
             gate_i = tl.sigmoid(acc_i)
             gate_f = tl.sigmoid(acc_f)
             gate_g = 2.0 * tl.sigmoid(2.0 * acc_g) - 1.0
@@ -289,7 +307,7 @@ def _lstm_bwd_kernel(
     act_ptr,  # (B, T, D*4H) saved gate activations
     cs_ptr,  # (B, T, D*H) saved cell states
     c0_ptr,  # (D, B, H) initial cell state
-    w_ptr,  # (D, 4H, H) float32 (bfloat16 if BF16), contiguous: W_hh
+    w_ptr,  # (D, 4*HP, HP) float32 (bfloat16 if BF16), contiguous, zero-padded: W_hh per gate (``_padded_weights``)
     dhn_ptr,  # (D, B, H) gradient of the final h
     dcn_ptr,  # (D, B, H) gradient of the final c
     dg_ptr,  # (B, T, D*4H) float32, zero-filled: gradient of the gate pre-activations (= of x_gates)
@@ -302,6 +320,7 @@ def _lstm_bwd_kernel(
     B,
     T,
     H: tl.constexpr,
+    HP: tl.constexpr,  # as in the forward kernel
     D: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -324,7 +343,10 @@ def _lstm_bwd_kernel(
     cs_rows = cs_ptr + rows[:, None] * (T * D * H) + direction * H
     act_rows = act_ptr + rows[:, None] * (T * D * G) + direction * G
     dg_rows = dg_ptr + rows[:, None] * (T * D * G) + direction * G
-    w = w_ptr + direction * G * H
+    # W_hh padded: gate g's (K, N) block at rows g*HP, HP rows of HP columns, zeros past H (as the forward kernel's
+    # W^T): unmasked, aligned tile loads.
+    tl.static_assert(HP % BLOCK_H == 0 and HP % BLOCK_K == 0 and HP >= H)
+    w = w_ptr + direction * 4 * HP * HP
 
     for n0 in range(0, H, BLOCK_H):
         cols = n0 + tl.arange(0, BLOCK_H)
@@ -398,11 +420,7 @@ def _lstm_bwd_kernel(
                         mask=valid[:, None] & k_mask[None, :],
                         other=0.0,
                     )
-                    w_k = tl.load(
-                        w + (gate * H + ks[:, None]) * H + cols[None, :],
-                        mask=k_mask[:, None] & col_mask[None, :],
-                        other=0.0,
-                    )
+                    w_k = tl.load(w + (gate * HP + ks[:, None]) * HP + cols[None, :])  # unmasked: padded layout
                     if BF16:  # bfloat16 operands (W is bfloat16 in memory), float32 accumulator
                         acc = tl.dot(d_k.to(tl.bfloat16), w_k, acc)
                     else:
@@ -422,6 +440,34 @@ def _lstm_bwd_kernel(
         scratch = last + slot64[:, None] * H + cols[None, :]
         tl.store(dh0_ptr + first, tl.load(dh_ptr + scratch, mask=mask, other=0.0), mask=mask)
         tl.store(dc0_ptr + first, tl.load(dc_ptr + scratch, mask=mask, other=0.0), mask=mask)
+
+
+def _padded_hidden(hidden: int, config: TritonLSTMConfig) -> int:
+    """``HP``: the hidden size rounded up to a multiple of both ``block_h`` and ``block_k`` (powers of two, so of
+    the larger), the length of every row and gate block of the kernels' weight layout (160 for H=150 with blocks of
+    32; H itself when it is a multiple already)."""
+    block = max(config.block_h, config.block_k)
+    return -(-hidden // block) * block
+
+
+def _padded_weights(w_hh: torch.Tensor, padded: int, transpose: bool) -> torch.Tensor:
+    """W_hh (D, 4H, H) in the kernels' zero-padded layout, in its own dtype: ``transpose`` (forward) gives
+    (D, HP, 4*HP) with ``out[d, k, g*HP + n] = w_hh[d, g*H + n, k]``, else (backward) (D, 4*HP, HP) with
+    ``out[d, g*HP + k, n] = w_hh[d, g*H + k, n]``; zeros wherever k or n >= H. Rebuilt per call (a few hundred KB);
+    the gradient of W_hh never sees this layout (``dW_hh`` is a GEMM of d_gates and h in PyTorch)."""
+    directions, gates, hidden = w_hh.shape
+    blocks = w_hh.view(directions, 4, hidden, hidden)  # (d, g, n, k)
+    if transpose:
+        if padded == hidden:
+            return blocks.permute(0, 3, 1, 2).contiguous().view(directions, hidden, gates)  # (reshape: a view)
+        out = w_hh.new_zeros(directions, padded, 4, padded)
+        out[:, :hidden, :, :hidden] = blocks.permute(0, 3, 1, 2)
+        return out.view(directions, padded, 4 * padded)
+    if padded == hidden:
+        return w_hh.contiguous()
+    out = w_hh.new_zeros(directions, 4, padded, padded)
+    out[:, :, :hidden, :hidden] = blocks
+    return out.view(directions, 4 * padded, padded)
 
 
 _JITTED: dict[bool, tuple[Any, Any]] = {}
@@ -460,12 +506,73 @@ def _kernels() -> tuple[Any, Any]:
     return _JITTED[interpret]
 
 
+def ptx_global_loads(ptx: str, weight_lines: set[int] | None = None) -> dict[str, dict[str, int]]:
+    """Count the global-memory loads in a kernel's PTX by instruction form and width: ``ld.global`` (vectors as
+    ``ld.global.v2.b32``, ``ld.global.v4.b32``; scalars as ``ld.global.b32``, ``ld.global.b16``) and the
+    asynchronous copies to shared memory that Triton's software pipelining makes of the K loops' tile loads
+    (``cp.async.16B``, ``cp.async.8B``, ``cp.async.4B``: bytes per thread and instruction). Static counts (each
+    instruction once, however often it runs). ``weight_lines``: line numbers of this module whose loads are W_hh
+    tiles; those loads (by the PTX's ``.loc`` line info) are counted under ``"weights"``, the others under
+    ``"other"``."""
+    import re
+
+    source_file = os.path.abspath(__file__)
+    # This module's file, by name: Triton's cache may hand back PTX compiled from an identical copy elsewhere (its
+    # key has the kernel's source and first line, not the file's path).
+    files = re.findall(r'^\s*\.file\s+(\d+)\s+"([^"]+)"', ptx, re.M)
+    ours = {number for number, path in files if os.path.basename(path) == os.path.basename(source_file)}
+    counts: dict[str, dict[str, int]] = {"weights": {}, "other": {}}
+    line = None
+    for text in ptx.splitlines():
+        if (loc := re.match(r"\s*\.loc\s+(\d+)\s+(\d+)", text)) is not None:
+            line = int(loc.group(2)) if loc.group(1) in ours else None
+            continue
+        instruction = re.search(r"\b(ld\.global\S*|cp\.async\.(?:ca|cg)\.shared\.global)\s+(.*)", text)
+        if instruction is None:
+            continue
+        opcode = instruction.group(1)
+        if opcode.startswith("cp.async"):
+            size = instruction.group(2).split(",")[2].strip()
+            key = f"cp.async.{int(size, 0)}B"
+        else:
+            parts = opcode.split(".")
+            vector = [part for part in parts if re.fullmatch(r"v\d+", part)]
+            key = ".".join(["ld.global", *vector, parts[-1]])
+        group = counts["weights" if weight_lines and line in weight_lines else "other"]
+        group[key] = group.get(key, 0) + 1
+    return counts
+
+
+def _weight_load_lines() -> set[int]:
+    """The line numbers of this module that load W_hh tiles in the kernels (``tl.load(w``...)."""
+    import inspect
+    import re
+
+    lines = set()
+    for kernel in (_lstm_fwd_kernel, _lstm_bwd_kernel):
+        source, first = inspect.getsourcelines(kernel)
+        lines |= {first + i for i, text in enumerate(source) if re.search(r"tl\.load\(w[\s)]", text)}
+    return lines
+
+
 def compile_report(
-    hidden: int, config: TritonLSTMConfig | None = None, directions: int = 2, arch: int = 90
+    hidden: int,
+    config: TritonLSTMConfig | None = None,
+    directions: int = 2,
+    arch: int = 90,
+    aligned_pointers: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Compile both kernels for an NVIDIA GPU of compute capability ``arch`` (90: H100/H200) without one, and
-    report what ``ptxas -v`` says of each: registers per thread, spill bytes, shared memory. Needs Triton's
-    NVIDIA backend (its bundled ptxas) and TRITON_INTERPRET off. Returns ``{"forward": {...}, "backward": {...}}``.
+    report what ``ptxas -v`` says of each: registers per thread, spill bytes, shared memory; and, from the PTX,
+    the global loads by width (:func:`ptx_global_loads`: ``"weights"``, the W_hh tiles, and ``"other"``). Needs
+    Triton's NVIDIA backend (its bundled ptxas) and TRITON_INTERPRET off. Returns ``{"forward": {...},
+    "backward": {...}}``.
+
+    ``aligned_pointers``: compile as a launch does with tensors whose data starts 16-byte aligned (Triton's
+    launcher then marks the pointer arguments ``tt.divisibility=16``, which vector loads need; every tensor the
+    wrapper passes is freshly allocated or contiguous, so in practice aligned). The integer arguments (B, T, the
+    x_gates strides) stay unspecialised here (a launch specialises those divisible by 16): never more vectorised
+    than a real launch.
     """
     import re
     import subprocess
@@ -478,23 +585,26 @@ def compile_report(
     if _interpreting():
         raise RuntimeError("compile_report needs TRITON_INTERPRET off")
     constants = {
-        "H": hidden, "D": directions, "BLOCK_B": config.block_b, "BLOCK_H": config.block_h,
-        "BLOCK_K": config.block_k, **config.kernel_constants(),
+        "H": hidden, "HP": _padded_hidden(hidden, config), "D": directions, "BLOCK_B": config.block_b,
+        "BLOCK_H": config.block_h, "BLOCK_K": config.block_k, **config.kernel_constants(),
     }  # fmt: skip
     weights = ("wt_ptr", "w_ptr")  # W_hh^T (forward), W_hh (backward): bfloat16 under bf16
+    weight_lines = _weight_load_lines()
     report = {}
     for name, kernel, consts in (("forward", fwd, {**constants, "SAVE": True}), ("backward", bwd, constants)):
-        signature = {}
-        for arg in kernel.arg_names:
+        signature, attrs = {}, {}
+        for index, arg in enumerate(kernel.arg_names):
             if arg in consts:
                 signature[arg] = "constexpr"
             elif arg.endswith("_ptr"):
                 signature[arg] = "*i32" if arg in ("rows_ptr", "lens_ptr") else "*fp32"
                 if arg in weights and config.bf16:
                     signature[arg] = "*bf16"
+                if aligned_pointers:
+                    attrs[(index,)] = [["tt.divisibility", 16]]
             else:
                 signature[arg] = "i32"
-        source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=consts)
+        source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=consts, attrs=attrs)
         compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=config.launch_options())
         with tempfile.TemporaryDirectory() as folder:
             ptx = os.path.join(folder, "kernel.ptx")
@@ -516,7 +626,11 @@ def compile_report(
                 ("spill_loads", r"(\d+) bytes spill loads"),
             )
         }
-        report[name] = {**numbers, "shared_bytes": compiled.metadata.shared}
+        report[name] = {
+            **numbers,
+            "shared_bytes": compiled.metadata.shared,
+            "global_loads": ptx_global_loads(compiled.asm["ptx"], weight_lines),
+        }
     return report
 
 
@@ -563,13 +677,14 @@ class _TritonLSTMFunction(torch.autograd.Function):
         cc = torch.empty_like(hs)
         h_n = x_gates.new_empty(directions, batch, hidden)
         c_n = torch.empty_like(h_n)
-        # W_hh^T per direction, (D, H, 4H): bfloat16 under bf16 (cast before the transposing copy: half the bytes).
-        w_t = (w_hh.bfloat16() if config.bf16 else w_hh).transpose(1, 2).contiguous()
+        # W_hh^T per direction, zero-padded (D, HP, 4*HP): bfloat16 under bf16 (cast before the copy: half the bytes).
+        padded = _padded_hidden(hidden, config)
+        w_t = _padded_weights(w_hh.bfloat16() if config.bf16 else w_hh, padded, transpose=True)
         grid = (directions, triton.cdiv(batch, config.block_b))
         fwd[grid](
             x_gates, w_t, h0.contiguous(), c0.contiguous(), rows, lens, out, act, cs, hs, cc, h_n, c_n,
             batch, steps, x_gates.stride(0), x_gates.stride(1),
-            H=hidden, D=directions, BLOCK_B=config.block_b, BLOCK_H=config.block_h, BLOCK_K=config.block_k,
+            H=hidden, HP=padded, D=directions, BLOCK_B=config.block_b, BLOCK_H=config.block_h, BLOCK_K=config.block_k,
             SAVE=save, **config.kernel_constants(), **config.launch_options(),
         )  # fmt: skip
         if save:
@@ -594,12 +709,14 @@ class _TritonLSTMFunction(torch.autograd.Function):
         dc = torch.empty_like(dh)
         d_h0 = out.new_empty(directions, batch, hidden)
         d_c0 = torch.empty_like(d_h0)
-        w_k = (w_hh.bfloat16() if config.bf16 else w_hh).contiguous()  # (D, 4H, H); the saved w_hh is float32
+        # W_hh zero-padded, (D, 4*HP, HP); the saved w_hh is float32 (D, 4H, H).
+        padded = _padded_hidden(hidden, config)
+        w_k = _padded_weights(w_hh.bfloat16() if config.bf16 else w_hh, padded, transpose=False)
         grid = (directions, triton.cdiv(batch, config.block_b))
         bwd[grid](
             d_out, act, cs, c0.contiguous(), w_k, d_hn, d_cn, d_gates, dh, dc, d_h0, d_c0, rows, lens,
             batch, steps,
-            H=hidden, D=directions, BLOCK_B=config.block_b, BLOCK_H=config.block_h, BLOCK_K=config.block_k,
+            H=hidden, HP=padded, D=directions, BLOCK_B=config.block_b, BLOCK_H=config.block_h, BLOCK_K=config.block_k,
             **config.kernel_constants(), **config.launch_options(),
         )  # fmt: skip
         d_w_hh = None

@@ -277,6 +277,99 @@ def test_kernels_compile_for_h200_without_spills(precision: str) -> None:
         assert report[kernel]["spill_stores"] == 0, report
 
 
+def compile_in_subprocess(hidden: int, precision: str) -> dict[str, Any]:
+    """``compile_report`` for sm_90 in a subprocess without TRITON_INTERPRET (this session's triton interprets);
+    skips where this triton has no bundled ptxas."""
+    script = (
+        "import json; from sentiment.triton_lstm import TritonLSTMConfig, compile_report; "
+        f"print(json.dumps(compile_report({hidden}, TritonLSTMConfig(precision={precision!r}))))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1]
+    )
+    if result.returncode and "ptxas" in result.stderr and "No such file" in result.stderr:
+        pytest.skip("this triton has no bundled ptxas")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def load_bytes(form: str) -> int:
+    """Bytes per thread of one load instruction as ``ptx_global_loads`` names it."""
+    if form.startswith("cp.async."):
+        return int(form.removeprefix("cp.async.").removesuffix("B"))
+    parts = form.split(".")
+    lanes = int(parts[2][1:]) if parts[2].startswith("v") else 1
+    return lanes * int(parts[-1][1:]) // 8
+
+
+@pytest.mark.parametrize("precision", ["ieee", "bf16"])
+def test_weight_tiles_load_as_aligned_vectors(precision: str) -> None:
+    """At H=150 (not a multiple of the blocks; gate offsets of 150 elements are not 16-byte aligned) the W_hh tile
+    loads of both kernels compile, for sm_90, to vector loads only: 16 bytes per thread and instruction in float32,
+    8 in bfloat16 (a 32x32 bfloat16 tile over 256 threads is 8 bytes each). Before the weights were padded they
+    were 8 bytes (float32) and 4 bytes (bfloat16), twice the instructions."""
+    report = compile_in_subprocess(150, precision)
+    want = 16 if precision == "ieee" else 8
+    for kernel in ("forward", "backward"):
+        weights = report[kernel]["global_loads"]["weights"]
+        assert weights, report[kernel]  # the weight loads were found in the PTX (by its line info)
+        assert {load_bytes(form) for form in weights} == {want}, weights
+
+
+def test_ptx_global_loads_counts_by_width_and_source_line() -> None:
+    """The PTX scan behind ``compile_report``'s load counts, on a hand-written excerpt."""
+    source = os.path.basename(tlstm.__file__)
+    ptx = f"""
+\t.loc\t1 10 5
+\tld.global.v4.b32 {{ %r1, %r2, %r3, %r4 }}, [ %rd1 + 0 ];
+\t@%p1 cp.async.cg.shared.global [ %r5 + 0 ], [ %rd2 + 0 ], 0x10, %r6;
+\t.loc\t1 11 5
+\t@%p2 ld.global.b16 {{ %rs1 }}, [ %rd3 + 0 ];
+\t@%p3 ld.global.L1::evict_last.v2.b32 {{ %r7, %r8 }}, [ %rd4 + 0 ];
+\tcp.async.ca.shared.global [ %r9 + 0 ], [ %rd5 + 0 ], 4, %r10;
+\t.loc\t2 10 5
+\tld.global.b32 {{ %r11 }}, [ %rd6 + 0 ];
+\t.file\t1 "/somewhere/{source}"
+\t.file\t2 "/triton/language/standard.py"
+"""
+    counts = tlstm.ptx_global_loads(ptx, {10})
+    assert counts == {
+        "weights": {"ld.global.v4.b32": 1, "cp.async.16B": 1},
+        "other": {"ld.global.b16": 1, "ld.global.v2.b32": 1, "cp.async.4B": 1, "ld.global.b32": 1},
+    }
+    assert {load_bytes(form) for form in counts["weights"]} == {16}
+
+
+def test_padded_weight_layout() -> None:
+    """W_hh in the kernels' layout: HP a multiple of both blocks, every gate block at g*HP, zeros past H."""
+    assert tlstm._padded_hidden(150, TritonLSTMConfig()) == 160
+    assert tlstm._padded_hidden(192, TritonLSTMConfig()) == 192
+    assert tlstm._padded_hidden(20, TritonLSTMConfig(block_h=16, block_k=32)) == 32
+    torch.manual_seed(0)
+    hidden, padded = 5, 8
+    w_hh = torch.randn(2, 4 * hidden, hidden)
+    forward = tlstm._padded_weights(w_hh, padded, transpose=True)
+    backward = tlstm._padded_weights(w_hh, padded, transpose=False)
+    assert forward.shape == (2, padded, 4 * padded) and backward.shape == (2, 4 * padded, padded)
+    assert forward.is_contiguous() and backward.is_contiguous()
+    for gate in range(4):
+        block = w_hh[:, gate * hidden : (gate + 1) * hidden]  # (D, n, k)
+        torch.testing.assert_close(forward[:, :hidden, gate * padded : gate * padded + hidden], block.transpose(1, 2))
+        torch.testing.assert_close(backward[:, gate * padded : gate * padded + hidden, :hidden], block)
+    nonzero = torch.count_nonzero(w_hh)  # randn: all of them
+    assert torch.count_nonzero(forward) == torch.count_nonzero(backward) == nonzero  # the rest is zeros
+    for transpose in (True, False):  # no padding: W_hh (transposed) as it is, contiguous (the kernels assume it)
+        unpadded = tlstm._padded_weights(w_hh, hidden, transpose=transpose)
+        assert unpadded.is_contiguous()
+        assert torch.equal(unpadded, w_hh.transpose(1, 2) if transpose else w_hh)
+
+
+def test_hidden_a_multiple_of_the_blocks() -> None:
+    """H=16 with blocks of 16: no padding (HP == H), the weights go to the kernels as they are."""
+    compare(6, 16, LENGTHS, True, with_hx=True)
+
+
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_classifier_triton_path_matches_padded_path(bidirectional: bool) -> None:
     """``LSTMClassifier(rnn_input="triton")`` gives the logits and every gradient of the exact ``padded`` path
