@@ -43,7 +43,7 @@ triton, and wraps its kernels with ``triton.jit``, only at the first call.
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 import os
 from typing import Any
 
@@ -60,7 +60,6 @@ __all__ = [
     "TritonLSTMConfig",
     "compile_report",
     "ptx_global_loads",
-    "triton_available",
     "triton_lstm",
     "triton_lstm_layers",
 ]
@@ -75,15 +74,11 @@ __all__ = [
 PRECISIONS = ("ieee", "tf32", "tf32x3", "bf16")
 
 
-def triton_available() -> bool:
-    """Whether Triton is installed (it may still lack a GPU: see ``TRITON_INTERPRET``)."""
-    return triton is not None or importlib.util.find_spec("triton") is not None
-
-
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+@dataclasses.dataclass(frozen=True)
 class TritonLSTMConfig:
     """Launch parameters of the kernels.
 
@@ -101,28 +96,20 @@ class TritonLSTMConfig:
     forward 80 registers and 8 bytes, backward 128 and 16). The kernels need 256 threads (8 warps) or ptxas spills.
     """
 
-    def __init__(
-        self,
-        block_b: int = 16,
-        block_h: int = 32,
-        block_k: int = 32,
-        num_warps: int = 8,
-        precision: str = "ieee",
-        num_stages: int | None = None,
-        maxnreg: int | None = 192,
-    ) -> None:
-        for name, value in (("block_b", block_b), ("block_h", block_h), ("block_k", block_k)):
+    block_b: int = 16
+    block_h: int = 32
+    block_k: int = 32
+    num_warps: int = 8
+    precision: str = "ieee"
+    num_stages: int | None = None
+    maxnreg: int | None = 192
+
+    def __post_init__(self) -> None:
+        for name, value in (("block_b", self.block_b), ("block_h", self.block_h), ("block_k", self.block_k)):
             if value < 16 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two >= 16 (got {value})")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS} (got {precision!r})")
-        self.block_b = block_b
-        self.block_h = block_h
-        self.block_k = block_k
-        self.num_warps = num_warps
-        self.precision = precision
-        self.num_stages = num_stages
-        self.maxnreg = maxnreg
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS} (got {self.precision!r})")
 
     @property
     def bf16(self) -> bool:
@@ -145,18 +132,7 @@ class TritonLSTMConfig:
 
     def as_dict(self) -> dict[str, Any]:
         """The parameters, for reports."""
-        return {
-            "block_b": self.block_b, "block_h": self.block_h, "block_k": self.block_k,
-            "num_warps": self.num_warps, "num_stages": self.num_stages, "precision": self.precision,
-            "maxnreg": self.maxnreg,
-        }  # fmt: skip
-
-    def __repr__(self) -> str:
-        return (
-            f"TritonLSTMConfig(block_b={self.block_b}, block_h={self.block_h}, block_k={self.block_k}, "
-            f"num_warps={self.num_warps}, precision={self.precision!r}, num_stages={self.num_stages}, "
-            f"maxnreg={self.maxnreg})"
-        )
+        return dataclasses.asdict(self)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -260,18 +260,7 @@ def test_kernels_compile_for_h200_without_spills(precision: str) -> None:
     """Both kernels compile for sm_90 (H100/H200) with Triton's own ptxas, no GPU needed, at H=150 (the
     BiLSTM's size) with the default blocks, in exact float32 and in bf16 (bfloat16 W_hh), and ptxas reports no
     register spills. A subprocess, since this session's triton is in interpreter mode."""
-    script = (
-        "import json; from sentiment.triton_lstm import TritonLSTMConfig, compile_report; "
-        f"print(json.dumps(compile_report(150, TritonLSTMConfig(precision={precision!r}))))"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1]
-    )
-    if result.returncode and "ptxas" in result.stderr and "No such file" in result.stderr:
-        pytest.skip("this triton has no bundled ptxas")
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = compile_in_subprocess(150, precision)
     for kernel in ("forward", "backward"):
         assert report[kernel]["registers"] <= 255
         assert report[kernel]["spill_stores"] == 0, report
