@@ -57,6 +57,11 @@ class TrainConfig:
     pooling: Literal["last", "max", "mean", "concat"] = "last"
     embedding_dropout: float = 0.0
     weight_dropout: float = 0.0
+    # Classifier training only (ULMFiT's truncated backpropagation): run the LSTM over a review in chunks of N
+    # steps, the state carried across chunks but detached, so gradients flow back through at most N steps of the
+    # recurrence (the forward pass is unchanged). 0: through the whole review. Not ``bptt``, the language model's
+    # window (ULMFiT uses the same value for both, e.g. 70). Padded and fused paths only.
+    truncate_bptt: int = 0
     # training
     seed: int = 42
     epochs: int = 8
@@ -147,6 +152,15 @@ def _range_problems(cfg: TrainConfig) -> list[str | None]:
             cfg.weight_dropout == 0 or cfg.rnn_input != "packed",
             "weight_dropout needs the padded or fused path (nn.LSTM on packed input keeps its own weights); "
             "set rnn_input: auto",
+        ),
+        check(
+            cfg.truncate_bptt == 0 or cfg.truncate_bptt >= 2,
+            f"truncate_bptt must be 0 (off) or >= 2 steps (got {cfg.truncate_bptt})",
+        ),
+        check(
+            cfg.truncate_bptt == 0 or cfg.rnn_input not in ("packed", "triton"),
+            f"truncate_bptt needs the padded or fused path (rnn_input {cfg.rnn_input} runs each review in one call "
+            "and cannot detach the state between chunks); use rnn_input auto, padded or fused, or truncate_bptt: 0",
         ),
         check(
             cfg.rnn_input != "triton" or importlib.util.find_spec("triton") is not None,

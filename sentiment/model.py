@@ -105,6 +105,13 @@ class LSTMClassifier(
     :mod:`sentiment.triton_lstm`, one persistent kernel per layer for each pass, each review read from its real
     first and last token (needs ``triton``; on CPU only in Triton's interpreter). ``auto``: fused on GPU, padded
     on CPU.
+
+    ``truncate_bptt`` N > 0 (ULMFiT's truncated backpropagation; padded and fused paths): in training, each LSTM
+    call runs over the review in chunks of N steps, each chunk starting from the previous one's final state
+    detached, so gradients flow back through at most N steps of the recurrence; the logits are unchanged. The
+    backward direction of the padded path is chunked on its copy reversed within each review, so its chunks count
+    from each review's own last token. One fused call cannot chunk two directions in opposite orders, so a BiLSTM
+    trains on the padded path then. In evaluation nothing is chunked.
     """
 
     def __init__(
@@ -123,12 +130,16 @@ class LSTMClassifier(
         pooling: str = "last",
         embedding_dropout: float = 0.0,
         weight_dropout: float = 0.0,
+        truncate_bptt: int = 0,
     ) -> None:
         super().__init__()
         if rnn_input not in RNN_INPUTS:
             raise ValueError(f"rnn_input must be one of {RNN_INPUTS} (got {rnn_input!r})")
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS} (got {pooling!r})")
+        if truncate_bptt != 0 and truncate_bptt < 2:
+            raise ValueError(f"truncate_bptt must be 0 (off) or >= 2 steps (got {truncate_bptt})")
+        self.truncate_bptt = truncate_bptt
         self.rnn_input = rnn_input
         self.pooling = pooling
         self.embedding_dropout = embedding_dropout
@@ -181,6 +192,13 @@ class LSTMClassifier(
         path = self.rnn_input
         if path == "auto":  # measured on an H200 and on 2 CPU cores (docs/benchmarks.md)
             path = "fused" if embedded.is_cuda else "padded"
+        truncating = self.truncate_bptt > 0 and self.training
+        if truncating and path in ("packed", "triton"):
+            raise ValueError(
+                f"truncate_bptt needs rnn_input auto, padded or fused (rnn_input {path} runs each review in one call)"
+            )
+        if truncating and path == "fused" and self.lstm.bidirectional:
+            path = "padded"  # one fused call cannot chunk both directions (they run in opposite orders)
         if path == "packed":
             if self.weight_dropout > 0 and self.training:
                 raise ValueError("weight_dropout needs rnn_input padded or fused (nn.LSTM keeps its own weights)")
@@ -236,6 +254,31 @@ class LSTMClassifier(
                 weights.append(weight)
         return weights
 
+    def _lstm_outputs(
+        self,
+        sequence: torch.Tensor,
+        state: tuple[torch.Tensor, torch.Tensor],
+        weights: list[torch.Tensor],
+        bidirectional: bool = False,
+    ) -> torch.Tensor:
+        """The outputs of ``lstm_layers`` over ``sequence`` (B x T x features) from ``state``. In training with
+        ``truncate_bptt`` N, chunk by chunk along time (N steps, the last chunk shorter), each chunk starting from
+        the previous one's final (h, c) detached: the same outputs, but gradients flow back through at most N steps
+        of the recurrence. The chunks come from the tensor's shape alone (no host synchronisation: CUDA graphs
+        capture this). Both directions of one call run in opposite orders and cannot be chunked together."""
+        chunk = self.truncate_bptt if self.training else 0
+        steps = sequence.shape[1]
+        if chunk == 0 or steps <= chunk:
+            return lstm_layers(sequence, state, weights, train=self.training, bidirectional=bidirectional)[0]
+        if bidirectional:
+            raise ValueError("truncate_bptt cannot chunk both directions of one LSTM call; run them one by one")
+        outputs = []
+        for start in range(0, steps, chunk):
+            output, hidden, cell = lstm_layers(sequence[:, start : start + chunk], state, weights, train=self.training)
+            outputs.append(output)
+            state = (hidden.detach(), cell.detach())
+        return torch.cat(outputs, dim=1)
+
     def _fused_final(self, embedded: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, steps, _ = embedded.shape
         lengths = lengths.to(embedded.device)
@@ -260,9 +303,7 @@ class LSTMClassifier(
                 layer_input = torch.cat([layer_input, padding], dim=-1)
                 for index in (0, 4):  # weight_ih of each direction
                     weights[index] = torch.cat([weights[index], gate_column.to(weights[index].dtype)], dim=1)
-            layer_input = lstm_layers(
-                layer_input, (zeros, zeros), weights, train=self.training, bidirectional=bidirectional
-            )[0]
+            layer_input = self._lstm_outputs(layer_input, (zeros, zeros), weights, bidirectional)
         rows_index = torch.arange(batch, device=embedded.device)
         final = layer_input[rows_index, lengths - 1, :hidden_size]
         if bidirectional:
@@ -300,7 +341,7 @@ class LSTMClassifier(
                     sequence = layer_input.gather(1, reverse_index.expand(-1, -1, layer_input.shape[-1]))
                 else:
                     sequence = layer_input
-                output = lstm_layers(sequence, (zeros, zeros), weights, train=self.training)[0]
+                output = self._lstm_outputs(sequence, (zeros, zeros), weights)
                 if direction:
                     output = output.gather(1, reverse_index.expand(-1, -1, hidden_size))
                 outputs.append(output)

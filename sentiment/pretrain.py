@@ -6,6 +6,7 @@ into ``batch_size`` parallel streams; each step reads ``bptt`` tokens of every s
 from one window to the next (truncated backpropagation through time). The output layer is the embedding
 matrix itself (tied weights) after a projection to the embedding size. Validation perplexity is measured on the
 classifier's validation reviews; the best epoch is saved to ``output_dir/best`` with ``tokenizer.json``.
+``lr_schedule`` (cosine, onecycle; constant by default) runs over all windows of all epochs, as the classifier's.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from tqdm.auto import tqdm
 from sentiment.config import ConfigError, TrainConfig
 from sentiment.model import CheckpointError, LSTMClassifier, load_checkpoint, lstm_layers, unshare_storage
 from sentiment.prepare import PreparedData, prepare_data
-from sentiment.training import plot_curves, save_best, write_atomic
+from sentiment.training import LRFactor, plot_curves, save_best, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -109,9 +110,11 @@ def run_stream(
     optimizer: torch.optim.Optimizer | None = None,
     max_grad_norm: float | None = None,
     desc: str = "",
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> tuple[float, int]:
-    """One pass over ``stream`` (rows x length) in windows of ``bptt``: training when ``optimizer`` is given, else
-    evaluation. Returns the mean next-word loss over all processes and the number of predicted tokens."""
+    """One pass over ``stream`` (rows x length) in windows of ``bptt``: training when ``optimizer`` is given (and
+    ``scheduler`` steps after each optimizer step), else evaluation. Returns the mean next-word loss over all
+    processes and the number of predicted tokens."""
     training = optimizer is not None
     model.train(training)
     totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
@@ -131,6 +134,8 @@ def run_stream(
                     accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if scheduler is not None:
+                    scheduler.step()
             totals += torch.stack([loss.detach().double() * targets.numel(), totals.new_tensor(targets.numel())])
     totals = accelerator.reduce(totals, reduction="sum")
     return totals[0].item() / totals[1].item(), int(totals[1].item())
@@ -184,13 +189,18 @@ def _pretrain(accelerator: Accelerator, cfg: TrainConfig) -> dict[str, Any]:
     valid = token_streams([data.splits["validation"]], cfg.eval_batch_size * accelerator.num_processes)
     valid = valid[accelerator.process_index :: accelerator.num_processes]
 
+    scheduler = None
+    if cfg.lr_schedule != "constant":  # the classifier's schedules (LRFactor), over all windows of all epochs
+        steps_per_epoch = len(range(0, streams.shape[1] - 1, cfg.bptt))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, LRFactor(cfg, cfg.epochs * steps_per_epoch))
     history: list[dict[str, float]] = []
     best_loss = math.inf
     for epoch in range(cfg.epochs):
         started = time.perf_counter()
         train_loss, tokens = run_stream(
-            model, streams, cfg.bptt, accelerator, optimizer, cfg.max_grad_norm, f"epoch {epoch + 1}/{cfg.epochs}"
-        )
+            model, streams, cfg.bptt, accelerator, optimizer, cfg.max_grad_norm, f"epoch {epoch + 1}/{cfg.epochs}",
+            scheduler,
+        )  # fmt: skip
         seconds = time.perf_counter() - started
         valid_loss, _ = run_stream(model, valid, cfg.bptt, accelerator, desc="validation")
         record = {
@@ -201,6 +211,7 @@ def _pretrain(accelerator: Accelerator, cfg: TrainConfig) -> dict[str, Any]:
             "valid_perplexity": math.exp(valid_loss),
             "epoch_seconds": seconds,
             "tokens_per_second": tokens / seconds,
+            "lr": optimizer.param_groups[0]["lr"],
         }
         history.append(record)
         best = min(history, key=lambda h: h["valid_loss"])

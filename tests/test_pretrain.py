@@ -67,6 +67,17 @@ def test_pretraining_learns_and_saves_the_best_epoch(pretrained: tuple[Path, Pat
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in (run / "best").iterdir()}
     assert (run / "curves.png").stat().st_size > 0
     assert json.loads((run / "metrics.json").read_text())["best_epoch"] == metrics["best_epoch"]
+    assert [h["lr"] for h in history] == [LM["lr"]] * 4  # constant by default
+
+
+def test_pretraining_follows_the_learning_rate_schedule(pretrained: tuple[Path, Path, dict], hub_imdb: Path) -> None:
+    """Under ``lr_schedule: cosine`` the rate falls over all windows of all epochs, to 0 after the last."""
+    prepared, run, _ = pretrained
+    cfg = tiny_config(hub_imdb, run.parent / "cosine", prepared=str(prepared), epochs=3, lr_schedule="cosine", **LM)
+    history = pretrain(cfg)["history"]
+    rates = [h["lr"] for h in history]
+    assert LM["lr"] > rates[0] > rates[1] > rates[2] == pytest.approx(0.0, abs=1e-12)
+    assert all(np.isfinite(h["train_loss"]) for h in history)
 
 
 def test_classifier_starts_from_the_language_model(
