@@ -13,11 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_model import padded_batch
-from test_training import tiny_config
 
 from sentiment.config import ConfigError, build_config
 from sentiment.model import LSTMClassifier
-from sentiment.training import train
 
 
 def logits_and_grads(model: LSTMClassifier, ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -118,6 +116,22 @@ def test_gradients_reach_back_only_within_the_last_chunk(bidirectional: bool, rn
         assert torch.equal(grad[ids[2, 3]], torch.zeros(5)) and torch.equal(grad[ids[1, 2]], torch.zeros(5))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (cuDNN's LSTM kernels)")
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_truncation_on_cudnn_matches_the_cpu(bidirectional: bool) -> None:
+    """On cuDNN (float32, TF32 off), the default GPU path with truncation gives the logits and gradients of the CPU
+    padded path in float64, on reviews padded past their length (chunks of 7 over 77 steps)."""
+    torch.manual_seed(3)
+    model = LSTMClassifier(200, 16, 24, 2, bidirectional, dropout=0.0, pooling="concat", truncate_bptt=7).train()
+    ids, lengths = padded_batch(200, [57, 3, 40, 1, 57, 22, 9, 31])
+    ids = torch.cat([ids, torch.full((len(lengths), 20), model.pad_id)], dim=1)
+    cpu_logits, cpu_grads = logits_and_grads(model.double(), ids, lengths)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        gpu_logits, gpu_grads = logits_and_grads(model.float().cuda(), ids.cuda(), lengths)
+    torch.testing.assert_close(gpu_logits.cpu().double(), cpu_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gpu_grads.cpu().double(), cpu_grads, rtol=1e-3, atol=1e-5)
+
+
 @pytest.mark.parametrize("value", [1, -1])
 def test_config_rejects_too_short_truncation(value: int) -> None:
     with pytest.raises(ConfigError, match="truncate_bptt must be 0"):
@@ -144,7 +158,13 @@ def test_paths_that_cannot_chunk_are_refused() -> None:
 
 def test_a_run_trains_with_truncation(hub_imdb: Path, tmp_path: Path) -> None:
     """A real BiLSTM run of 2 layers, truncate_bptt 4 (reviews are 8-60+ tokens): finite losses each epoch,
-    metrics written, and the checkpoint records the option."""
+    metrics written, and the checkpoint records the option. (Imports here: the rest of this file runs where
+    ``datasets`` is not installed, as on the GPU machine.)"""
+    pytest.importorskip("datasets")
+    from test_training import tiny_config
+
+    from sentiment.training import train
+
     metrics = train(tiny_config(hub_imdb, tmp_path / "run", epochs=2, n_layers=2, truncate_bptt=4))
     assert len(metrics["history"]) == 2
     assert all(math.isfinite(h["train_loss"]) and math.isfinite(h["valid_loss"]) for h in metrics["history"])
