@@ -26,9 +26,10 @@ commands:
   report    SWEEP_DIR [--storage URL]: regenerate a sweep's table (CSV, Markdown) and plots
   predict   --model PATH_OR_ID ["text" ...] [--input F.txt|.jsonl|.csv --output F.jsonl|.csv] [--batch_size N]
             [--device D]: label and probability per review
-  evaluate  --model PATH_OR_ID [--split test|validation|train] [--output F.json] [data keys: --dataset,
-            --split_scheme, --split_seed, --valid_fraction, --max_eval_samples ..., or --prepared DIR]: loss,
-            accuracy, precision, recall, F1 and confusion matrix on a labelled split
+  evaluate  --model PATH_OR_ID [--split test|validation|train] [--output F.json] [--logits F.npz] [data keys:
+            --dataset, --split_scheme, --split_seed, --valid_fraction, --max_eval_samples ..., or --prepared DIR]:
+            loss, accuracy, precision, recall, F1 and confusion matrix on a labelled split (--logits: each
+            review's logit and label, for scripts/ensemble.py)
   push      RUN_DIR|CHECKPOINT_DIR --repo_id USER/NAME [--private] [--revision BRANCH] [--commit_message MSG]:
             write the model card and upload the checkpoint to the Hugging Face Hub in one commit
 
@@ -179,10 +180,10 @@ def evaluate_main(args: list[str]) -> int:
     """``sentiment evaluate``: metrics of a checkpoint on a labelled split, split as the trainer splits."""
     import json
 
-    from sentiment.predict import SentimentClassifier, evaluate_prepared, evaluate_texts
+    from sentiment.predict import SentimentClassifier, classification_metrics, logits_of_prepared, write_logits
     from sentiment.prepare import PreparedData
 
-    options, rest = _take_options(args, {"model": str, "split": str, "output": str, "device": str})
+    options, rest = _take_options(args, {"model": str, "split": str, "output": str, "device": str, "logits": str})
     if "model" not in options:
         raise ConfigError("sentiment evaluate needs --model PATH_OR_HUB_ID")
     split = str(options.get("split", "test"))
@@ -193,7 +194,8 @@ def evaluate_main(args: list[str]) -> int:
     if cfg.prepared:  # token ids made by `sentiment prepare`: no spaCy or datasets needed
         prepared = PreparedData.load(cfg.prepared)
         source = prepared.info["dataset"]
-        metrics = evaluate_prepared(classifier, prepared.splits[split], prepared.tokenizer)
+        logits = logits_of_prepared(classifier, prepared.splits[split], prepared.tokenizer)
+        labels = prepared.splits[split].labels.tolist()
     else:
         from sentiment.data import load_imdb, split_imdb
 
@@ -206,7 +208,11 @@ def evaluate_main(args: list[str]) -> int:
             max_train_samples=cfg.max_train_samples,
             max_eval_samples=cfg.max_eval_samples,
         )
-        metrics = evaluate_texts(classifier, splits[split]["text"], splits[split]["label"])
+        logits = classifier.logits(splits[split]["text"], progress=True)
+        labels = list(splits[split]["label"])
+    metrics = classification_metrics(logits, labels)
+    if options.get("logits"):
+        write_logits(str(options["logits"]), logits, labels)
     matrix = metrics["confusion_matrix"]
     print(f"{split}: {metrics['count']} reviews of {source}")
     for key in ("loss", "accuracy", "precision", "recall", "f1"):

@@ -111,16 +111,50 @@ def evaluate_texts(classifier: SentimentClassifier, texts: Sequence[str], labels
     return classification_metrics(classifier.logits(texts, progress=True), labels)
 
 
-def evaluate_prepared(classifier: SentimentClassifier, split: EncodedSplit, tokenizer: Tokenizer) -> dict[str, Any]:
-    """``evaluate_texts`` on a split of a ``sentiment prepare`` folder (token ids made by ``tokenizer``): no spaCy
-    needed, so a GPU machine without it can evaluate. The checkpoint must use the same vocabulary."""
+def logits_of_prepared(classifier: SentimentClassifier, split: EncodedSplit, tokenizer: Tokenizer) -> np.ndarray:
+    """One logit per review of a split of a ``sentiment prepare`` folder (token ids made by ``tokenizer``), in the
+    split's order: no spaCy needed, so a GPU machine without it can evaluate. The checkpoint must use the same
+    vocabulary."""
     if json.loads(tokenizer.to_str()) != json.loads(classifier.tokenizer.to_str()):
         raise CheckpointError(
             "the prepared data was encoded with another tokenizer.json than the checkpoint's: evaluate from the "
             "raw dataset (--dataset) instead, or use the prepared folder the checkpoint was trained from"
         )
-    ids = [split[i][0] for i in range(len(split))]
-    return classification_metrics(classifier.logits_of_ids(ids, progress=True), split.labels.tolist())
+    return classifier.logits_of_ids([split[i][0] for i in range(len(split))], progress=True)
+
+
+def evaluate_prepared(classifier: SentimentClassifier, split: EncodedSplit, tokenizer: Tokenizer) -> dict[str, Any]:
+    """``evaluate_texts`` on a split of a ``sentiment prepare`` folder (see :func:`logits_of_prepared`)."""
+    return classification_metrics(logits_of_prepared(classifier, split, tokenizer), split.labels.tolist())
+
+
+def write_logits(path: str | Path, logits: np.ndarray, labels: Sequence[int]) -> Path:
+    """Save one split's logits with its labels, in the split's order, as ``.npz`` (``logits``, ``labels``; temp
+    file, then rename): what :func:`ensemble_metrics` combines across runs."""
+    path = Path(path)
+    if path.suffix.lower() != ".npz":
+        raise ValueError(f"logits file {path} must end in .npz")
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez(tmp, logits=np.asarray(logits, dtype=np.float32), labels=np.asarray(labels, dtype=np.int64))
+    os.replace(tmp, path)
+    return path
+
+
+def ensemble_metrics(members: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """``classification_metrics`` of the mean positive-class probability of several models' ``(logits, labels)``
+    on the same split (as :func:`write_logits` saves them); the labels must agree, review by review."""
+    if not members:
+        raise ValueError("an ensemble needs at least one member")
+    labels = members[0][1]
+    for number, (logits, member_labels) in enumerate(members, start=1):
+        if len(logits) != len(labels) or not np.array_equal(member_labels, labels):
+            raise ValueError(
+                f"member {number} scored another split ({len(logits)} reviews, labels differ): ensemble logits of "
+                "the same split of the same prepared data"
+            )
+    probability = np.mean([1 / (1 + np.exp(-np.asarray(logits, dtype=np.float64))) for logits, _ in members], axis=0)
+    probability = np.clip(probability, 1e-12, 1 - 1e-12)
+    return classification_metrics(np.log(probability / (1 - probability)), labels.tolist())
 
 
 def classification_metrics(logits: np.ndarray, labels: Sequence[int]) -> dict[str, Any]:

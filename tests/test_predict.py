@@ -16,7 +16,14 @@ import torch
 
 from sentiment.config import build_config
 from sentiment.model import CheckpointError, LSTMClassifier
-from sentiment.predict import SentimentClassifier, evaluate_texts, read_texts, write_predictions
+from sentiment.predict import (
+    SentimentClassifier,
+    ensemble_metrics,
+    evaluate_texts,
+    read_texts,
+    write_logits,
+    write_predictions,
+)
 from sentiment.training import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,6 +167,67 @@ def test_evaluate_reproduces_the_trainers_test_figures(
     assert figures["accuracy"] == pytest.approx((tp + tn) / figures["count"])
     assert figures["precision"] == pytest.approx(tp / (tp + fp) if tp + fp else 0.0)
     assert figures["recall"] == pytest.approx(tp / (tp + fn) if tp + fn else 0.0)
+
+
+def test_evaluate_saves_logits_that_scripts_ensemble_combines(
+    checkpoint: tuple[Path, dict], hub_imdb: Path, tmp_path: Path
+) -> None:
+    """`sentiment evaluate --logits` saves each review's logit and label (the split's order): they give the printed
+    accuracy. scripts/ensemble.py over two runs holding such files tabulates both and their ensemble (here the
+    same model twice: the ensemble scores as the model)."""
+    best, _ = checkpoint
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        for split in ("validation", "test"):
+            output, logits = tmp_path / f"{name}-{split}.json", tmp_path / name / f"{split}-logits.npz"
+            result = cli("evaluate", "--model", str(best), "--dataset", str(hub_imdb), "--split", split,
+                         "--output", str(output), "--logits", str(logits), "--device", "cpu")  # fmt: skip
+            assert result.returncode == 0, result.stderr
+            with np.load(logits) as saved:
+                assert saved["logits"].shape == saved["labels"].shape == (json.loads(output.read_text())["count"],)
+                accuracy = float(np.mean((saved["logits"] > 0) == saved["labels"]))
+            assert accuracy == pytest.approx(json.loads(output.read_text())["accuracy"], abs=1e-12)
+    assert not list(tmp_path.glob("*/.*tmp*"))  # written through a temp file, nothing left beside
+    table = tmp_path / "ensemble.json"
+    result = subprocess.run(
+        [sys.executable, "scripts/ensemble.py", str(tmp_path / "a"), str(tmp_path / "b"), "--output", str(table)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "| ensemble |" in result.stdout
+    figures = json.loads(table.read_text())
+    for split in ("validation", "test"):
+        member = figures[split][str(tmp_path / "a")]
+        assert figures[split]["ensemble"]["accuracy"] == member["accuracy"]
+        assert figures[split]["ensemble"]["loss"] == pytest.approx(member["loss"], rel=1e-6)
+    (tmp_path / "b" / "test-logits.npz").unlink()
+    result = subprocess.run([sys.executable, "scripts/ensemble.py", str(tmp_path / "a"), str(tmp_path / "b")],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode != 0 and "sentiment evaluate --model" in result.stderr
+
+
+def test_ensemble_averages_the_members_probabilities(tmp_path: Path) -> None:
+    """Three members, each wrong on another review with little confidence and right on the rest with much: the
+    mean probability is right on all six; its logit is that of the mean probability. Other labels are refused."""
+    labels = np.array([1, 1, 1, 0, 0, 0])
+    right = np.where(labels == 1, 3.0, -3.0)
+    members = []
+    for wrong in range(3):
+        logits = right.copy()
+        logits[wrong * 2] = -0.5 if labels[wrong * 2] == 1 else 0.5
+        path = write_logits(tmp_path / f"m{wrong}.npz", logits, labels)
+        with np.load(path) as saved:
+            members.append((saved["logits"], saved["labels"]))
+    figures = ensemble_metrics(members)
+    assert figures["accuracy"] == 1.0
+    confident = 1 / (1 + np.exp(-3.0))  # each member's probability of the right label where it is right
+    one_wrong = (1 / (1 + np.exp(0.5)) + 2 * confident) / 3  # reviews 0, 2, 4: one member wrong
+    expected_loss = -(3 * np.log(one_wrong) + 3 * np.log(confident)) / 6
+    assert figures["loss"] == pytest.approx(expected_loss, rel=1e-5)
+    with pytest.raises(ValueError, match="another split"):
+        ensemble_metrics([members[0], (members[1][0], 1 - labels)])
+    with pytest.raises(ValueError, match=r"must end in \.npz"):
+        write_logits(tmp_path / "m.npy", right, labels)
 
 
 def test_evaluate_texts_on_known_answers(checkpoint: tuple[Path, dict]) -> None:

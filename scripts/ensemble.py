@@ -1,0 +1,76 @@
+"""Ensemble trained runs by averaging their positive-class probabilities, and tabulate members and ensemble on
+validation and test (Markdown; ``--output F.json`` for the figures). Each run folder holds the logits that
+``sentiment evaluate --logits`` saves, one file per split:
+
+    for run in runs/ft-42 runs/ft-43 runs/ft-44; do
+      for split in validation test; do
+        sentiment evaluate --model $run/best --prepared prepared/imdb-lm-400 --split $split \\
+          --logits $run/$split-logits.npz
+      done
+    done
+    python scripts/ensemble.py runs/ft-42 runs/ft-43 runs/ft-44 --output ensemble.json
+
+The ensemble is fixed in advance (all members, equal weights): nothing is selected on test. Models from
+different language models (ULMFiT's forward and backward pair) combine the same way, as long as they scored
+the same split of the same prepared data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from sentiment.predict import classification_metrics, ensemble_metrics
+
+SPLITS = ("validation", "test")
+
+
+def load_member(run_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The (logits, labels) that ``sentiment evaluate --logits`` saved as ``run_dir/{split}-logits.npz``."""
+    path = run_dir / f"{split}-logits.npz"
+    if not path.is_file():
+        raise SystemExit(
+            f"{path} not found: write it with `sentiment evaluate --model {run_dir}/best --split {split} "
+            f"--prepared DIR --logits {path}`"
+        )
+    with np.load(path) as saved:
+        return saved["logits"], saved["labels"]
+
+
+def ensemble_table(run_dirs: list[Path]) -> dict[str, dict[str, dict]]:
+    """Accuracy and loss of each member (named by its folder as given) and of their ensemble, per split:
+    ``{split: {name: metrics}}``."""
+    figures: dict[str, dict[str, dict]] = {}
+    for split in SPLITS:
+        members = [load_member(run_dir, split) for run_dir in run_dirs]
+        figures[split] = {
+            str(run_dir): classification_metrics(*member) for run_dir, member in zip(run_dirs, members, strict=True)
+        }
+        figures[split]["ensemble"] = ensemble_metrics(members)
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders holding {validation,test}-logits.npz")
+    parser.add_argument("--output", type=Path, help="write the figures as JSON here")
+    args = parser.parse_args()
+    figures = ensemble_table(args.runs)
+    print("| model | valid acc | valid loss | test acc | test loss |")
+    print("|---|---|---|---|---|")
+    for name in figures["test"]:
+        valid, test = figures["validation"][name], figures["test"][name]
+        cells = (valid["accuracy"], valid["loss"], test["accuracy"], test["loss"])
+        print(f"| {name} | " + " | ".join(f"{cell:.4f}" for cell in cells) + " |")
+    if args.output:
+        tmp = args.output.with_name(f".{args.output.name}.tmp")
+        tmp.write_text(json.dumps(figures, indent=2))
+        os.replace(tmp, args.output)
+
+
+if __name__ == "__main__":
+    main()
