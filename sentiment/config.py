@@ -62,6 +62,10 @@ class TrainConfig:
     # recurrence (the forward pass is unchanged). 0: through the whole review. Not ``bptt``, the language model's
     # window (ULMFiT uses the same value for both, e.g. 70). Padded and fused paths only.
     truncate_bptt: int = 0
+    # Read every review backwards, last token first (classifier and language model): the backward half of
+    # ULMFiT's forward + backward pair, whose predictions scripts/ensemble.py averages. A classifier started from a
+    # language model (init_from) must read in the same direction.
+    reverse: bool = False
     # training
     seed: int = 42
     epochs: int = 8

@@ -50,6 +50,14 @@ def lstm_layers(
     return torch.lstm(inputs, state, weights, True, num_layers, dropout, train, bidirectional, True)
 
 
+def reverse_within_lengths(lengths: torch.Tensor, steps: int) -> torch.Tensor:
+    """Gather indices (B x ``steps``) that reverse each row within its length and leave the padding after it in
+    place (their own inverse)."""
+    positions = torch.arange(steps, device=lengths.device).unsqueeze(0)
+    last = (lengths - 1).unsqueeze(1)
+    return torch.where(positions <= last, last - positions, positions)
+
+
 class CheckpointError(ValueError):
     """A checkpoint cannot be loaded; the message names the problem and the fix."""
 
@@ -112,6 +120,9 @@ class LSTMClassifier(
     backward direction of the padded path is chunked on its copy reversed within each review, so its chunks count
     from each review's own last token. One fused call cannot chunk two directions in opposite orders, so a BiLSTM
     trains on the padded path then. In evaluation nothing is chunked.
+
+    ``reverse``: each review is read backwards (its tokens reversed within its length before the embedding), the
+    backward model of ULMFiT's forward + backward pair.
     """
 
     def __init__(
@@ -131,6 +142,7 @@ class LSTMClassifier(
         embedding_dropout: float = 0.0,
         weight_dropout: float = 0.0,
         truncate_bptt: int = 0,
+        reverse: bool = False,
     ) -> None:
         super().__init__()
         if rnn_input not in RNN_INPUTS:
@@ -140,6 +152,7 @@ class LSTMClassifier(
         if truncate_bptt != 0 and truncate_bptt < 2:
             raise ValueError(f"truncate_bptt must be 0 (off) or >= 2 steps (got {truncate_bptt})")
         self.truncate_bptt = truncate_bptt
+        self.reverse = reverse
         self.rnn_input = rnn_input
         self.pooling = pooling
         self.embedding_dropout = embedding_dropout
@@ -184,6 +197,8 @@ class LSTMClassifier(
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Logits (B,) for right-padded ``input_ids`` (B x T) whose true lengths are ``lengths`` (B, any device)."""
+        if self.reverse:  # each review backwards, still right-padded
+            input_ids = input_ids.gather(1, reverse_within_lengths(lengths.to(input_ids.device), input_ids.shape[1]))
         embedded = self.embedding(input_ids)
         if self.embedding_dropout > 0 and self.training:  # drop whole words (the same word vector in all places)
             keep = F.dropout(embedded.new_ones(*input_ids.shape, 1), self.embedding_dropout, True)
@@ -325,10 +340,7 @@ class LSTMClassifier(
     def _padded_final(self, embedded: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, steps, _ = embedded.shape
         lengths = lengths.to(embedded.device)
-        positions = torch.arange(steps, device=embedded.device).unsqueeze(0)
-        last = (lengths - 1).unsqueeze(1)
-        # Reverses each review within its length and leaves the padding after it in place (its own inverse).
-        reverse_index = torch.where(positions <= last, last - positions, positions).unsqueeze(-1)
+        reverse_index = reverse_within_lengths(lengths, steps).unsqueeze(-1)
         directions = 2 if self.lstm.bidirectional else 1
         hidden_size = self.lstm.hidden_size
         zeros = embedded.new_zeros(1, batch, hidden_size)

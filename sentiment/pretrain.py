@@ -52,9 +52,11 @@ class LSTMLanguageModel(
         dropout: float = 0.3,
         pad_id: int = 1,
         weight_dropout: float = 0.0,
+        reverse: bool = False,
     ) -> None:
         super().__init__()
         self.pad_id = pad_id
+        self.reverse = reverse  # trained on the text read backwards (token_streams); init_from checks it
         self.weight_dropout = weight_dropout
         self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=pad_id)
         self.lstm = nn.LSTM(
@@ -93,9 +95,12 @@ class LSTMLanguageModel(
         return load_checkpoint(cls, "a language model", pretrained_model_name_or_path, hint, **kwargs)
 
 
-def token_streams(splits: list[Any], streams: int) -> torch.Tensor:
-    """The reviews of ``splits`` (EncodedSplit) end to end, cut into ``streams`` rows of equal length."""
+def token_streams(splits: list[Any], streams: int, reverse: bool = False) -> torch.Tensor:
+    """The reviews of ``splits`` (EncodedSplit) end to end, cut into ``streams`` rows of equal length; with
+    ``reverse`` the whole text backwards (each review read last token first, the reviews in reverse order)."""
     ids = np.concatenate([split.token_ids for split in splits])
+    if reverse:
+        ids = ids[::-1]
     length = len(ids) // streams
     if length < 2:
         raise ConfigError(f"{len(ids)} tokens cannot fill {streams} streams of 2 or more; lower batch_size")
@@ -176,6 +181,7 @@ def _pretrain(accelerator: Accelerator, cfg: TrainConfig) -> dict[str, Any]:
         dropout=cfg.dropout,
         pad_id=data.info["pad_id"],
         weight_dropout=cfg.weight_dropout,
+        reverse=cfg.reverse,
     )
     if data.embeddings is not None:
         with torch.no_grad():
@@ -184,9 +190,9 @@ def _pretrain(accelerator: Accelerator, cfg: TrainConfig) -> dict[str, Any]:
     model, optimizer = accelerator.prepare(model, optimizer)
 
     corpus = [data.splits["train"], *([data.splits["unsupervised"]] if "unsupervised" in data.splits else [])]
-    streams = token_streams(corpus, cfg.batch_size * accelerator.num_processes)
+    streams = token_streams(corpus, cfg.batch_size * accelerator.num_processes, cfg.reverse)
     streams = streams[accelerator.process_index :: accelerator.num_processes]  # each process its own rows
-    valid = token_streams([data.splits["validation"]], cfg.eval_batch_size * accelerator.num_processes)
+    valid = token_streams([data.splits["validation"]], cfg.eval_batch_size * accelerator.num_processes, cfg.reverse)
     valid = valid[accelerator.process_index :: accelerator.num_processes]
 
     scheduler = None
@@ -253,6 +259,13 @@ def init_from_language_model(classifier: LSTMClassifier, checkpoint: str | Path,
         raise CheckpointError(
             f"init_from {checkpoint}: its vocabulary differs from this run's. Pretrain on the same prepared data "
             "(--prepared) or with the same data settings"
+        )
+    if language_model.reverse != classifier.reverse:
+        direction = {True: "backwards (reverse: true)", False: "forwards (reverse: false)"}
+        raise CheckpointError(
+            f"init_from {checkpoint}: the language model reads reviews {direction[language_model.reverse]} and this "
+            f"classifier {direction[classifier.reverse]}; set reverse: {str(language_model.reverse).lower()} or "
+            "start from a language model pretrained in this direction"
         )
     lm, cl = language_model.lstm, classifier.lstm
     for name, lm_size, cl_size in (

@@ -472,6 +472,7 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
         embedding_dropout=cfg.embedding_dropout,
         weight_dropout=cfg.weight_dropout,
         truncate_bptt=cfg.truncate_bptt,
+        reverse=cfg.reverse,
     )
     if data.embeddings is not None:
         model.load_embeddings(torch.from_numpy(data.embeddings))

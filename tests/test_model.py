@@ -19,6 +19,26 @@ def padded_batch(vocab_size: int, lengths: list[int], pad_id: int = 1) -> tuple[
     return ids, torch.tensor(lengths)
 
 
+@pytest.mark.parametrize("rnn_input", ["packed", "padded", "fused"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_reverse_reads_each_review_backwards(rnn_input: str, bidirectional: bool, tmp_path: Path) -> None:
+    """A ``reverse`` model gives, on every path, the logits of the same weights reading forwards on reviews whose
+    tokens were reversed by hand within their lengths (padding left after them); save/load keeps the setting."""
+    torch.manual_seed(0)
+    forwards = LSTMClassifier(40, 6, 8, 2, bidirectional, dropout=0.0, rnn_input=rnn_input).double().eval()
+    backwards = LSTMClassifier(40, 6, 8, 2, bidirectional, dropout=0.0, rnn_input=rnn_input, reverse=True)
+    backwards.load_state_dict(forwards.state_dict())
+    backwards = backwards.double().eval()
+    ids, lengths = padded_batch(40, [9, 2, 6, 9, 4])
+    by_hand = ids.clone()
+    for row, length in enumerate(lengths.tolist()):
+        by_hand[row, :length] = ids[row, :length].flip(0)
+    torch.testing.assert_close(backwards(ids, lengths), forwards(by_hand, lengths), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(backwards(ids, lengths), forwards(ids, lengths))
+    backwards.save_pretrained(tmp_path)
+    assert LSTMClassifier.from_pretrained(tmp_path).reverse is True
+
+
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("n_layers", [1, 3])
 @pytest.mark.parametrize("pooling", ["last", "concat"])

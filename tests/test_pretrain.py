@@ -104,6 +104,32 @@ def test_classifier_starts_from_the_language_model(
     assert "init_from" in (tmp_path / "fine-tuned" / "config.yaml").read_text()
 
 
+def test_token_streams_read_backwards() -> None:
+    """reverse: the whole text backwards, so each review is read last token first."""
+    first = EncodedSplit(np.arange(10), np.array([0, 4, 10]), np.array([0, 1]))
+    assert token_streams([first], 2, reverse=True).tolist() == [[9, 8, 7, 6, 5], [4, 3, 2, 1, 0]]
+
+
+def test_backward_language_model_starts_a_backward_classifier(
+    pretrained: tuple[Path, Path, dict], hub_imdb: Path, tmp_path: Path
+) -> None:
+    """ULMFiT's backward pair: a language model pretrained with reverse records it; a classifier reading forwards
+    cannot start from it (the error names the setting); one reading backwards trains from it."""
+    prepared, _, _ = pretrained
+    backward_run = tmp_path / "backward-lm"
+    metrics = pretrain(tiny_config(hub_imdb, backward_run, prepared=str(prepared), epochs=1, reverse=True, **LM))
+    assert np.isfinite(metrics["valid_loss"])
+    assert LSTMLanguageModel.from_pretrained(backward_run / "best").reverse is True
+    data = PreparedData.load(prepared)
+    forwards = LSTMClassifier(data.tokenizer.get_vocab_size(), 16, 16, 2)
+    with pytest.raises(CheckpointError, match=r"reads reviews backwards .* set reverse: true"):
+        init_from_language_model(forwards, backward_run / "best", data)
+    cfg = tiny_config(hub_imdb, tmp_path / "backward-classifier", prepared=str(prepared), epochs=1, reverse=True,
+                      init_from=str(backward_run / "best"), **{**LM, "lr": 0.001})  # fmt: skip
+    assert 0.0 <= train(cfg)["test_acc"] <= 1.0
+    assert LSTMClassifier.from_pretrained(tmp_path / "backward-classifier" / "best").reverse is True
+
+
 def test_init_from_names_what_does_not_match(pretrained: tuple[Path, Path, dict], hub_imdb: Path) -> None:
     prepared, run, _ = pretrained
     data = PreparedData.load(prepared)
