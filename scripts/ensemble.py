@@ -1,14 +1,10 @@
 """Ensemble trained runs by averaging their positive-class probabilities, and tabulate members and ensemble on
-validation and test (Markdown; ``--output F.json`` for the figures). Each run folder holds the logits that
-``sentiment evaluate --logits`` saves, one file per split:
+validation and test (Markdown; ``--output F.json`` for the figures). Every training run folder holds the selected
+model's ``validation-logits.npz`` and ``test-logits.npz``; for another checkpoint, ``sentiment evaluate --logits``
+writes them:
 
-    for run in runs/ft-42 runs/ft-43 runs/ft-44; do
-      for split in validation test; do
-        sentiment evaluate --model $run/best --prepared prepared/imdb-lm-400 --split $split \\
-          --logits $run/$split-logits.npz
-      done
-    done
     python scripts/ensemble.py runs/ft-42 runs/ft-43 runs/ft-44 --output ensemble.json
+    sentiment evaluate --model CHECKPOINT --prepared prepared/imdb-lm-400 --split test --logits FOLDER/test-logits.npz
 
 The ensemble is fixed in advance (all members, equal weights): nothing is selected on test. Models from
 different language models (ULMFiT's forward and backward pair) combine the same way, as long as they scored
@@ -34,8 +30,8 @@ def load_member(run_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     path = run_dir / f"{split}-logits.npz"
     if not path.is_file():
         raise SystemExit(
-            f"{path} not found: write it with `sentiment evaluate --model {run_dir}/best --split {split} "
-            f"--prepared DIR --logits {path}`"
+            f"{path} not found: training runs write it at their end; for another checkpoint use "
+            f"`sentiment evaluate --model {run_dir}/best --split {split} --prepared DIR --logits {path}`"
         )
     with np.load(path) as saved:
         return saved["logits"], saved["labels"]

@@ -29,7 +29,7 @@ commands:
   evaluate  --model PATH_OR_ID [--split test|validation|train] [--output F.json] [--logits F.npz] [data keys:
             --dataset, --split_scheme, --split_seed, --valid_fraction, --max_eval_samples ..., or --prepared DIR]:
             loss, accuracy, precision, recall, F1 and confusion matrix on a labelled split (--logits: each
-            review's logit and label, for scripts/ensemble.py)
+            review's logit and label, as training runs save them, for scripts/ensemble.py)
   push      RUN_DIR|CHECKPOINT_DIR --repo_id USER/NAME [--private] [--revision BRANCH] [--commit_message MSG]:
             write the model card and upload the checkpoint to the Hugging Face Hub in one commit
 

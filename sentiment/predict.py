@@ -135,7 +135,7 @@ def write_logits(path: str | Path, logits: np.ndarray, labels: Sequence[int]) ->
     if path.suffix.lower() != ".npz":
         raise ValueError(f"logits file {path} must end in .npz")
     tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(tmp, logits=np.asarray(logits, dtype=np.float32), labels=np.asarray(labels, dtype=np.int64))
+    np.savez(tmp, logits=np.asarray(logits, dtype=np.float32), labels=np.asarray(labels, dtype=np.int8))
     os.replace(tmp, path)
     return path
 

@@ -23,11 +23,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import AutocastKwargs, broadcast_object_list, set_seed
+from accelerate.utils import AutocastKwargs, broadcast_object_list, gather_object, set_seed
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -37,6 +38,7 @@ from sentiment.config import ConfigError, TrainConfig
 from sentiment.graphs import GraphedTrainStep, zero_nonfinite_gradients
 from sentiment.hub import push_checkpoint, require_push_access, write_model_card
 from sentiment.model import LSTMClassifier
+from sentiment.predict import write_logits
 from sentiment.prepare import PreparedData, prepare_data
 
 logger = logging.getLogger(__name__)
@@ -167,19 +169,33 @@ def _wandb_logged_in() -> bool:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator) -> dict[str, float]:
-    """Loss and accuracy over every example of ``loader`` on all processes, each example counted once."""
+def evaluate(
+    model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator, keep_logits: bool = False
+) -> dict[str, Any]:
+    """Loss and accuracy over every example of ``loader`` on all processes, each example counted once. With
+    ``keep_logits`` also ``logits``: every example's logit in the split's order, gathered from all processes."""
     model.eval()
     stats = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
+    kept = []
     for batch in loader:
         labels = batch["labels"].to(accelerator.device)
         logits = model(batch["input_ids"].to(accelerator.device), batch["lengths"]).float()
         stats[0] += F.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
         stats[1] += ((logits > 0).float() == labels).sum()
         stats[2] += len(labels)
+        if keep_logits:
+            kept.append(logits.cpu())
     stats = accelerator.reduce(stats, reduction="sum")
     count = stats[2].item()
-    return {"loss": stats[0].item() / count, "acc": stats[1].item() / count, "count": int(count)}
+    figures: dict[str, Any] = {"loss": stats[0].item() / count, "acc": stats[1].item() / count, "count": int(count)}
+    if keep_logits:  # the batch sampler's indices say where each logit belongs (it deals batches to processes)
+        indices = [index for batch in loader.batch_sampler for index in batch]
+        local = (indices, torch.cat(kept).tolist() if kept else [])
+        in_order = np.zeros(int(count), dtype=np.float32)
+        for process_indices, process_logits in gather_object([local]):
+            in_order[process_indices] = process_logits
+        figures["logits"] = in_order
+    return figures
 
 
 def train_epoch(
@@ -608,7 +624,8 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
     best_dir = _existing_dir(output_dir / "best")
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.load_state_dict(load_file(best_dir / "model.safetensors"))
-    test = evaluate(unwrapped, test_loader, accelerator)
+    test = evaluate(unwrapped, test_loader, accelerator, keep_logits=True)
+    valid_logits = evaluate(unwrapped, valid_loader, accelerator, keep_logits=True)["logits"]
     best = state["history"][state["best_epoch"] - 1]
     metrics = {
         "best_epoch": state["best_epoch"],
@@ -638,6 +655,9 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
                 {**summary, "best_epoch": state["best_epoch"], "test_loss": test["loss"], "test_acc": test["acc"]}
             )
         with _saving(output_dir, output_dir):
+            # The selected model's logit for every review, for scripts/ensemble.py (several seeds or directions).
+            for split, logits in (("validation", valid_logits), ("test", test["logits"])):
+                write_logits(output_dir / f"{split}-logits.npz", logits, data.splits[split].labels)
             write_atomic(output_dir / "metrics.json", json.dumps(metrics, indent=2))
             plot_curves(state["history"], output_dir / "curves.png")
             write_model_card(output_dir / "best", output_dir, repo_id=cfg.hub_model_id)

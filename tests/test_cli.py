@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,7 +97,12 @@ def test_two_processes_share_the_work_and_count_each_example_once(hub_imdb: Path
         "curves.png",
         "metrics.json",
         "state",
+        "test-logits.npz",
+        "validation-logits.npz",
     ]
+    with np.load(tmp_path / "ddp" / "test-logits.npz") as saved:  # both processes' reviews, each in its place
+        assert saved["logits"].shape == (60,)
+        assert float(np.mean((saved["logits"] > 0) == saved["labels"])) == pytest.approx(metrics["test_acc"])
 
 
 def test_bad_config_key_exits_with_a_clear_message(hub_imdb: Path) -> None:

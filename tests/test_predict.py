@@ -173,8 +173,8 @@ def test_evaluate_saves_logits_that_scripts_ensemble_combines(
     checkpoint: tuple[Path, dict], hub_imdb: Path, tmp_path: Path
 ) -> None:
     """`sentiment evaluate --logits` saves each review's logit and label (the split's order): they give the printed
-    accuracy. scripts/ensemble.py over two runs holding such files tabulates both and their ensemble (here the
-    same model twice: the ensemble scores as the model)."""
+    accuracy and equal those the trainer saved in its run folder. scripts/ensemble.py over two runs holding such
+    files tabulates both and their ensemble (here the same model twice: the ensemble scores as the model)."""
     best, _ = checkpoint
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
@@ -187,6 +187,9 @@ def test_evaluate_saves_logits_that_scripts_ensemble_combines(
                 assert saved["logits"].shape == saved["labels"].shape == (json.loads(output.read_text())["count"],)
                 accuracy = float(np.mean((saved["logits"] > 0) == saved["labels"]))
             assert accuracy == pytest.approx(json.loads(output.read_text())["accuracy"], abs=1e-12)
+            with np.load(logits) as by_cli, np.load(best.parent / f"{split}-logits.npz") as by_trainer:
+                assert np.array_equal(by_cli["labels"], by_trainer["labels"])  # the same reviews, the same order
+                np.testing.assert_allclose(by_cli["logits"], by_trainer["logits"], rtol=1e-4, atol=1e-5)
     assert not list(tmp_path.glob("*/.*tmp*"))  # written through a temp file, nothing left beside
     table = tmp_path / "ensemble.json"
     result = subprocess.run(

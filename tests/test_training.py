@@ -80,6 +80,20 @@ def test_run_folder_holds_everything(trained_run: tuple[TrainConfig, Path, dict]
     assert (output_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_run_folder_holds_every_reviews_logit(trained_run: tuple[TrainConfig, Path, dict]) -> None:
+    """validation-logits.npz and test-logits.npz: the selected model's logit and the label of every review of the
+    split (the trainer's figures follow from them), in the split's order (the labels are the split's)."""
+    cfg, output_dir, metrics = trained_run
+    data = prepare_data(cfg)
+    for split, accuracy in (("validation", metrics["valid_acc"]), ("test", metrics["test_acc"])):
+        with np.load(output_dir / f"{split}-logits.npz") as saved:
+            logits, labels = saved["logits"], saved["labels"]
+        assert np.array_equal(labels, data.splits[split].labels)
+        assert float(np.mean((logits > 0) == labels)) == pytest.approx(accuracy, abs=1e-12)
+    loss = F.binary_cross_entropy_with_logits(torch.from_numpy(logits).double(), torch.from_numpy(labels).double())
+    assert loss.item() == pytest.approx(metrics["test_loss"], rel=1e-5)
+
+
 def test_training_learns(trained_run: tuple[TrainConfig, Path, dict]) -> None:
     """Training loss falls and the fixture's sentiment words are learnt."""
     _, _, metrics = trained_run
