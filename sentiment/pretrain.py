@@ -107,6 +107,11 @@ def token_streams(splits: list[Any], streams: int, reverse: bool = False) -> tor
     return torch.from_numpy(ids[: length * streams].reshape(streams, length).astype(np.int64))
 
 
+def window_starts(stream: torch.Tensor, bptt: int) -> range:
+    """Where each ``bptt``-token window of ``stream`` (rows x length) starts: one optimizer step each in training."""
+    return range(0, stream.shape[1] - 1, bptt)
+
+
 def run_stream(
     model: nn.Module,
     stream: torch.Tensor,
@@ -124,7 +129,7 @@ def run_stream(
     model.train(training)
     totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
     state = None
-    starts = range(0, stream.shape[1] - 1, bptt)
+    starts = window_starts(stream, bptt)
     bar = tqdm(starts, desc=desc, disable=not accelerator.is_main_process, leave=False)
     with torch.set_grad_enabled(training):
         for start in bar:
@@ -197,7 +202,7 @@ def _pretrain(accelerator: Accelerator, cfg: TrainConfig) -> dict[str, Any]:
 
     scheduler = None
     if cfg.lr_schedule != "constant":  # the classifier's schedules (LRFactor), over all windows of all epochs
-        steps_per_epoch = len(range(0, streams.shape[1] - 1, cfg.bptt))
+        steps_per_epoch = len(window_starts(streams, cfg.bptt))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, LRFactor(cfg, cfg.epochs * steps_per_epoch))
     history: list[dict[str, float]] = []
     best_loss = math.inf

@@ -10,6 +10,7 @@ numpy, so it checks the arithmetic, masks and indexing, not races between thread
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -39,6 +40,7 @@ from sentiment.triton_lstm import TritonLSTMConfig, triton_lstm, triton_lstm_lay
 LENGTHS = [7, 1, 4, 7, 3]
 # Chunks of 16 so that H=20 takes two chunks (the second masked) and H=12 one masked chunk.
 SMALL = TritonLSTMConfig(block_b=16, block_h=16, block_k=16)
+SMALL_BF16 = dataclasses.replace(SMALL, precision="bf16")
 
 
 @pytest.fixture(autouse=True)
@@ -188,8 +190,7 @@ def test_bf16_matches_packed_nn_lstm(bidirectional: bool) -> None:
     """precision="bf16" (W_hh in bfloat16, h and the gate gradients rounded to bfloat16 for the recurrent dots,
     float32 everywhere else) stays within bfloat16 tolerances of nn.LSTM: outputs, states and every gradient,
     including W_hh's (to the float32 parameter), with an initial state and padding past the longest row."""
-    config = TritonLSTMConfig(block_b=16, block_h=16, block_k=16, precision="bf16")
-    compare(6, 20, LENGTHS, bidirectional, with_hx=True, config=config, steps=9, tolerance=2e-2)
+    compare(6, 20, LENGTHS, bidirectional, with_hx=True, config=SMALL_BF16, steps=9, tolerance=2e-2)
 
 
 @pytest.mark.usefixtures("bf16_dots")
@@ -201,8 +202,7 @@ def test_bf16_rounds_the_recurrent_dots() -> None:
     lengths = torch.tensor(LENGTHS)
     with torch.no_grad():
         exact = triton_lstm(x, lengths, list(lstm._flat_weights), True, config=SMALL)[0]
-        config = TritonLSTMConfig(block_b=16, block_h=16, block_k=16, precision="bf16")
-        rounded = triton_lstm(x, lengths, list(lstm._flat_weights), True, config=config)[0]
+        rounded = triton_lstm(x, lengths, list(lstm._flat_weights), True, config=SMALL_BF16)[0]
     difference = (rounded - exact).abs().max().item()
     assert 1e-6 < difference < 2e-2
 
