@@ -22,7 +22,7 @@ def logits_and_grads(model: LSTMClassifier, ids: torch.Tensor, lengths: torch.Te
     """The logits of ``model`` and the gradients of all its parameters (flattened) for a BCE loss."""
     model.zero_grad()
     logits = model(ids, lengths)
-    labels = (torch.arange(len(lengths)) % 2).to(logits.dtype)
+    labels = (torch.arange(len(lengths), device=logits.device) % 2).to(logits.dtype)
     F.binary_cross_entropy_with_logits(logits, labels).backward()
     return logits.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
 
