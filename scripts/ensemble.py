@@ -1,5 +1,7 @@
 """Ensemble trained runs by averaging their positive-class probabilities, and tabulate members and ensemble on
-validation and test (Markdown; ``--output F.json`` for the figures). Every training run folder holds the selected
+validation and test (Markdown). ``--output F.json`` saves the ensemble in the form of a run's ``metrics.json``
+(``valid_acc``, ``test_acc``, ...; the full table under ``splits``), which ``scripts/results_table.py`` lists like
+any run. Every training run folder holds the selected
 model's ``validation-logits.npz`` and ``test-logits.npz``; for another checkpoint, ``sentiment evaluate --logits``
 writes them:
 
@@ -50,10 +52,32 @@ def ensemble_table(run_dirs: list[Path]) -> dict[str, dict[str, dict]]:
     return figures
 
 
+def ensemble_record(run_dirs: list[Path], figures: dict[str, dict[str, dict]]) -> dict:
+    """The ensemble's figures in the form of a run's ``metrics.json`` (``valid_acc``, ``valid_loss``, ``test_acc``,
+    ``test_loss``), so ``scripts/results_table.py`` lists it like any run; ``epoch_seconds_mean`` is the members'
+    sum (the training time of one epoch of every member) when each member folder has its ``metrics.json``. The
+    full table is under ``splits``."""
+    record: dict = {"members": [str(run_dir) for run_dir in run_dirs]}
+    for prefix, split in (("valid", "validation"), ("test", "test")):
+        record[f"{prefix}_acc"] = figures[split]["ensemble"]["accuracy"]
+        record[f"{prefix}_loss"] = figures[split]["ensemble"]["loss"]
+    member_metrics = [run_dir / "metrics.json" for run_dir in run_dirs]
+    if all(path.is_file() for path in member_metrics):
+        record["epoch_seconds_mean"] = sum(
+            json.loads(path.read_text())["epoch_seconds_mean"] for path in member_metrics
+        )
+    record["splits"] = figures
+    return record
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="run folders holding {validation,test}-logits.npz")
-    parser.add_argument("--output", type=Path, help="write the figures as JSON here")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help="write the figures as JSON here (the ensemble's in metrics.json form, for the results table)",
+    )
     args = parser.parse_args()
     figures = ensemble_table(args.runs)
     print("| model | valid acc | valid loss | test acc | test loss |")
@@ -64,7 +88,7 @@ def main() -> None:
         print(f"| {name} | " + " | ".join(f"{cell:.4f}" for cell in cells) + " |")
     if args.output:
         tmp = args.output.with_name(f".{args.output.name}.tmp")
-        tmp.write_text(json.dumps(figures, indent=2))
+        tmp.write_text(json.dumps(ensemble_record(args.runs, figures), indent=2))
         os.replace(tmp, args.output)
 
 

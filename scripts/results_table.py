@@ -7,6 +7,8 @@ The manifest lists entries ``{name, hardware, command, runs: [metrics.json, ...]
 (seeds) shows mean ± standard deviation. ``--doc`` writes the full page (table + each entry's command and run
 files); ``--readme`` replaces the table between ``<!-- results:start -->`` and ``<!-- results:end -->``;
 ``--plot`` draws every entry's validation accuracy per epoch (mean over its runs, band: min to max) on one figure.
+A run file may also be an ensemble's record (``scripts/ensemble.py --output``): its s / epoch is its members' sum,
+and it has no curve.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ def plot_validation_curves(entries: list[dict], output: Path) -> None:
 
     figure, axes = plt.subplots(figsize=(9, 5.5))
     for entry in entries:
+        if not all("history" in metrics for metrics in entry["metrics"]):
+            continue  # ensembles (scripts/ensemble.py --output) have no epochs: their members' entries have the curves
         histories = [metrics["history"] for metrics in entry["metrics"]]
         epochs = min(len(history) for history in histories)  # early-stopped runs end sooner: the common epochs
         values = [[history[e]["valid_acc"] for history in histories] for e in range(epochs)]

@@ -198,11 +198,21 @@ def test_evaluate_saves_logits_that_scripts_ensemble_combines(
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "| ensemble |" in result.stdout
-    figures = json.loads(table.read_text())
-    for split in ("validation", "test"):
+    record = json.loads(table.read_text())
+    figures = record["splits"]
+    for split, prefix in (("validation", "valid"), ("test", "test")):
         member = figures[split][str(tmp_path / "a")]
-        assert figures[split]["ensemble"]["accuracy"] == member["accuracy"]
+        assert figures[split]["ensemble"]["accuracy"] == member["accuracy"] == record[f"{prefix}_acc"]
         assert figures[split]["ensemble"]["loss"] == pytest.approx(member["loss"], rel=1e-6)
+        assert record[f"{prefix}_loss"] == figures[split]["ensemble"]["loss"]
+    assert record["members"] == [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert "epoch_seconds_mean" not in record  # the evaluate-only folders have no metrics.json to time them by
+    run = best.parent  # a training run's folder: its metrics.json times the members (an epoch of each, summed)
+    result = subprocess.run([sys.executable, "scripts/ensemble.py", str(run), str(run), "--output", str(table)],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    seconds = json.loads((run / "metrics.json").read_text())["epoch_seconds_mean"]
+    assert json.loads(table.read_text())["epoch_seconds_mean"] == pytest.approx(2 * seconds)
     (tmp_path / "b" / "test-logits.npz").unlink()
     result = subprocess.run([sys.executable, "scripts/ensemble.py", str(tmp_path / "a"), str(tmp_path / "b")],
                             cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip

@@ -67,10 +67,15 @@ def test_results_table_from_a_manifest(two_runs: list[Path], tmp_path: Path) -> 
         target = repo / "docs" / "results" / f"{run.name}.metrics.json"
         target.write_text((run / "metrics.json").read_text())
         runs.append(str(target.relative_to(repo)))
+    ensemble = repo / "docs" / "results" / "ensemble.json"  # an ensemble's record lists like a run, without a curve
+    subprocess.run([sys.executable, ROOT / "scripts" / "ensemble.py", *two_runs, "--output", ensemble], check=True,
+                   capture_output=True)  # fmt: skip
+    record = json.loads(ensemble.read_text())
     manifest = repo / "docs" / "results" / "manifest.yaml"
     manifest.write_text(
-        json.dumps([{"name": "both", "hardware": "CPU", "command": "sentiment train ...", "runs": runs}])
-    )
+        json.dumps([{"name": "both", "hardware": "CPU", "command": "sentiment train ...", "runs": runs},
+                    {"name": "pair", "hardware": "CPU", "command": "-", "runs": ["docs/results/ensemble.json"]}])
+    )  # fmt: skip
     readme = repo / "README.md"
     readme.write_text("# x\n<!-- results:start -->\nold\n<!-- results:end -->\nafter\n")
     script = ROOT / "scripts" / "results_table.py"
@@ -83,6 +88,9 @@ def test_results_table_from_a_manifest(two_runs: list[Path], tmp_path: Path) -> 
     text = readme.read_text()
     assert "old" not in text and text.endswith("<!-- results:end -->\nafter\n")
     assert "| both | CPU | 2 | " in text and f"{mean:.4f} ± " in text
+    seconds = sum(json.loads((run / "metrics.json").read_text())["epoch_seconds_mean"] for run in two_runs)
+    assert f"| pair | CPU | 1 | {record['valid_acc']:.4f} | {record['test_acc']:.4f} | " in text
+    assert text.split("| pair |")[1].splitlines()[0].endswith(f" | {seconds:.2f} |")
     assert "sentiment train ..." in (repo / "docs" / "results.md").read_text()
     manifest.write_text(json.dumps([{"name": "gone", "hardware": "CPU", "command": "-", "runs": ["docs/x.json"]}]))
     result = subprocess.run([sys.executable, script, manifest], capture_output=True, text=True, cwd=repo)
