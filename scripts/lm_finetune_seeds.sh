@@ -8,6 +8,9 @@
 #     results/lm-large 42 43 44
 #
 # LM_FLAGS and TRAIN_FLAGS add --key=value flags to the pretraining and to every fine-tuning run.
+# The pretraining's batch_size is per process: on N GPUs, LM_FLAGS=--batch_size=$((128 / N)) keeps
+# configs/pretrain_lm_large.yaml's global batch. LM_FLAGS=--reverse=true TRAIN_FLAGS=--reverse=true gives ULMFiT's
+# backward model (then python scripts/ensemble.py on a forward and a backward run folder).
 set -euo pipefail
 usage="usage: $0 LM_CONFIG CLASSIFIER_CONFIG PREPARED_DIR RESULTS_DIR [SEED ...]"
 lm_config=${1:?$usage}

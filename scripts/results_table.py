@@ -6,7 +6,8 @@
 The manifest lists entries ``{name, hardware, command, runs: [metrics.json, ...]}``; an entry with several runs
 (seeds) shows mean ± standard deviation. ``--doc`` writes the full page (table + each entry's command and run
 files); ``--readme`` replaces the table between ``<!-- results:start -->`` and ``<!-- results:end -->``;
-``--plot`` draws every entry's validation accuracy per epoch (mean over its runs, band: min to max) on one figure.
+``--plot`` draws every entry's validation accuracy per epoch (mean over its runs, band: min to max) on one figure,
+except those whose ``plot`` is false (repeats and diverged runs: the main configurations stay readable).
 A run file may also be an ensemble's record (``scripts/ensemble.py --output``): its s / epoch is its members' sum,
 and it has no curve.
 """
@@ -60,10 +61,10 @@ def plot_validation_curves(entries: list[dict], output: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(9, 5.5))
-    for entry in entries:
-        if not all("history" in metrics for metrics in entry["metrics"]):
-            continue  # ensembles (scripts/ensemble.py --output) have no epochs: their members' entries have the curves
+    figure, axes = plt.subplots(figsize=(10, 7))
+    shown = [entry for entry in entries if entry.get("plot", True) and all("history" in m for m in entry["metrics"])]
+    colors = plt.get_cmap("tab10" if len(shown) <= 10 else "tab20").colors  # left out: by the manifest, ensembles
+    for number, entry in enumerate(shown):  # (an ensemble has no epochs: its members' entries have the curves)
         histories = [metrics["history"] for metrics in entry["metrics"]]
         epochs = min(len(history) for history in histories)  # early-stopped runs end sooner: the common epochs
         values = [[history[e]["valid_acc"] for history in histories] for e in range(epochs)]
@@ -72,6 +73,7 @@ def plot_validation_curves(entries: list[dict], output: Path) -> None:
             x,
             [statistics.mean(v) for v in values],
             marker="o",
+            color=colors[number % len(colors)],
             label=f"{entry['name'].replace('`', '')} (n={len(histories)})",
         )
         if len(histories) > 1:
@@ -80,7 +82,7 @@ def plot_validation_curves(entries: list[dict], output: Path) -> None:
             )
     axes.set(xlabel="epoch", ylabel="validation accuracy", title="Validation accuracy per epoch (mean over seeds)")
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=7, loc="lower right")
+    axes.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=1, frameon=False)
     figure.tight_layout()
     tmp = output.with_name(f".{output.stem}.tmp{output.suffix}")
     figure.savefig(tmp, dpi=120)
