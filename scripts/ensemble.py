@@ -1,9 +1,8 @@
 """Ensemble trained runs by averaging their positive-class probabilities, and tabulate members and ensemble on
 validation and test (Markdown). ``--output F.json`` saves the ensemble in the form of a run's ``metrics.json``
 (``valid_acc``, ``test_acc``, ...; the full table under ``splits``), which ``scripts/results_table.py`` lists like
-any run. Every training run folder holds the selected
-model's ``validation-logits.npz`` and ``test-logits.npz``; for another checkpoint, ``sentiment evaluate --logits``
-writes them:
+any run. Every training run folder holds the selected model's ``validation-logits.npz`` and ``test-logits.npz``;
+for another checkpoint, ``sentiment evaluate --logits`` writes them:
 
     python scripts/ensemble.py runs/ft-42 runs/ft-43 runs/ft-44 --output ensemble.json
     sentiment evaluate --model CHECKPOINT --prepared prepared/imdb-lm-400 --split test --logits FOLDER/test-logits.npz

@@ -25,11 +25,11 @@ commands:
             (no trial starts after --stop_after seconds; running trials finish)
   report    SWEEP_DIR [--storage URL]: regenerate a sweep's table (CSV, Markdown) and plots
   predict   --model PATH_OR_ID ["text" ...] [--input F.txt|.jsonl|.csv --output F.jsonl|.csv] [--batch_size N]
-            [--device D]: label and probability per review
+            [--device D]: label and probability per review (--model A,B: the checkpoints' mean probability)
   evaluate  --model PATH_OR_ID [--split test|validation|train] [--output F.json] [--logits F.npz] [data keys:
             --dataset, --split_scheme, --split_seed, --valid_fraction, --max_eval_samples ..., or --prepared DIR]:
             loss, accuracy, precision, recall, F1 and confusion matrix on a labelled split (--logits: each
-            review's logit and label, as training runs save them, for scripts/ensemble.py)
+            review's logit and label, as training runs save them, for scripts/ensemble.py; --model A,B: an ensemble)
   push      RUN_DIR|CHECKPOINT_DIR --repo_id USER/NAME [--private] [--revision BRANCH] [--commit_message MSG]:
             write the model card and upload the checkpoint to the Hugging Face Hub in one commit
 
@@ -151,18 +151,21 @@ PREDICT_OPTIONS = {"model": str, "input": str, "output": str, "batch_size": int,
 
 def predict_main(args: list[str]) -> int:
     """``sentiment predict``: score texts given on the command line or in a file."""
-    from sentiment.predict import SentimentClassifier, read_texts, write_predictions
+    from sentiment.predict import load_classifier, read_texts, write_predictions
 
     options, texts = _take_options(args, PREDICT_OPTIONS)
     if "model" not in options:
-        raise ConfigError("sentiment predict needs --model PATH_OR_HUB_ID (a checkpoint such as runs/NAME/best)")
+        raise ConfigError(
+            "sentiment predict needs --model PATH_OR_HUB_ID (a checkpoint such as runs/NAME/best; several joined by "
+            "commas score as an ensemble)"
+        )
     if options.get("input"):
         if texts:
             raise ConfigError("give reviews either as arguments or with --input FILE, not both")
         texts = read_texts(str(options["input"]))
     elif not texts:
         raise ConfigError('nothing to score: pass reviews as arguments ("A great film.") or --input FILE')
-    classifier = SentimentClassifier.from_pretrained(str(options["model"]), device=options.get("device"))
+    classifier = load_classifier(str(options["model"]), device=options.get("device"))
     if "batch_size" in options:
         classifier.batch_size = int(options["batch_size"])  # type: ignore[arg-type]
     predictions = classifier(texts, progress=bool(options.get("input")))
@@ -180,17 +183,17 @@ def evaluate_main(args: list[str]) -> int:
     """``sentiment evaluate``: metrics of a checkpoint on a labelled split, split as the trainer splits."""
     import json
 
-    from sentiment.predict import SentimentClassifier, classification_metrics, logits_of_prepared, write_logits
+    from sentiment.predict import classification_metrics, load_classifier, logits_of_prepared, write_logits
     from sentiment.prepare import PreparedData
 
     options, rest = _take_options(args, {"model": str, "split": str, "output": str, "device": str, "logits": str})
     if "model" not in options:
-        raise ConfigError("sentiment evaluate needs --model PATH_OR_HUB_ID")
+        raise ConfigError("sentiment evaluate needs --model PATH_OR_HUB_ID (several joined by commas: an ensemble)")
     split = str(options.get("split", "test"))
     if split not in ("train", "validation", "test"):
         raise ConfigError(f"--split must be train, validation or test (got {split!r})")
     cfg = _config_from_args(rest)
-    classifier = SentimentClassifier.from_pretrained(str(options["model"]), device=options.get("device"))
+    classifier = load_classifier(str(options["model"]), device=options.get("device"))
     if cfg.prepared:  # token ids made by `sentiment prepare`: no spaCy or datasets needed
         prepared = PreparedData.load(cfg.prepared)
         source = prepared.info["dataset"]

@@ -2,6 +2,7 @@
 
 ``SentimentClassifier.from_pretrained(path_or_hub_id)`` bundles the spaCy pretokenization, the ``tokenizer.json``
 vocabulary and the ``LSTMClassifier``; calling it on a list of reviews returns ``{"label", "score"}`` per review.
+``SentimentEnsemble`` scores several checkpoints as one (their mean probability); ``load_classifier`` gives either.
 Reviews are scored in length-sorted batches (on GPU when there is one); empty, foreign or very long texts give an
 answer, never a crash.
 """
@@ -77,8 +78,11 @@ class SentimentClassifier:
 
     def encode(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Token ids per text (spaCy words -> vocabulary ids), cut to ``max_tokens``."""
-        ids = encode_tokens(self.tokenizer, pretokenize([t if isinstance(t, str) else "" for t in texts]))
-        return [np.asarray(x[: self.max_tokens], dtype=np.int64) for x in ids]
+        return self.encode_words(_pretokenize(texts))
+
+    def encode_words(self, words: Sequence[Sequence[str]]) -> list[np.ndarray]:
+        """Token ids per already pretokenized text (``sentiment.text.pretokenize``), cut to ``max_tokens``."""
+        return [np.asarray(x[: self.max_tokens], dtype=np.int64) for x in encode_tokens(self.tokenizer, words)]
 
     def logits(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
         """One logit per text (positive > 0), in the order given; computed in length-sorted batches."""
@@ -100,21 +104,86 @@ class SentimentClassifier:
 
     def __call__(self, texts: str | Sequence[str], progress: bool = False) -> list[dict[str, Any]]:
         """``{"label": "pos"|"neg", "score": probability of that label}`` for each text."""
-        if isinstance(texts, str):
-            texts = [texts]
-        positive = 1 / (1 + np.exp(-self.logits(texts, progress=progress).astype(np.float64)))
-        return [{"label": LABELS[int(p > 0.5)], "score": float(p if p > 0.5 else 1 - p)} for p in positive]
+        return _labelled(self.logits([texts] if isinstance(texts, str) else texts, progress=progress))
 
 
-def evaluate_texts(classifier: SentimentClassifier, texts: Sequence[str], labels: Sequence[int]) -> dict[str, Any]:
+class SentimentEnsemble:
+    """Several checkpoints scored as one model: the mean of their positive-class probabilities, e.g. ULMFiT's
+    forward + backward pair, ``SentimentEnsemble.from_pretrained(["runs/ft-fwd/best", "runs/ft-bwd/best"])``
+    (a backward checkpoint reverses the reviews itself). The reviews are pretokenized once; each member encodes
+    them with its own ``tokenizer.json``. Called like :class:`SentimentClassifier`."""
+
+    def __init__(self, members: Sequence[SentimentClassifier]) -> None:
+        if not members:
+            raise ValueError("an ensemble needs at least one checkpoint")
+        self.members = list(members)
+
+    @classmethod
+    def from_pretrained(
+        cls, paths_or_ids: Sequence[str | Path], device: str | torch.device | None = None, **hub_kwargs: Any
+    ) -> SentimentEnsemble:
+        """Load every member with :meth:`SentimentClassifier.from_pretrained`."""
+        return cls([SentimentClassifier.from_pretrained(path, device=device, **hub_kwargs) for path in paths_or_ids])
+
+    @property
+    def batch_size(self) -> int:
+        """The members' scoring batch size (setting it sets every member's)."""
+        return self.members[0].batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        for member in self.members:
+            member.batch_size = value
+
+    def logits(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
+        """One logit per text: that of the members' mean positive-class probability."""
+        words = _pretokenize(texts)
+        return mean_probability_logits(
+            [member.logits_of_ids(member.encode_words(words), progress=progress) for member in self.members]
+        )
+
+    def __call__(self, texts: str | Sequence[str], progress: bool = False) -> list[dict[str, Any]]:
+        """``{"label": "pos"|"neg", "score": probability of that label}`` for each text."""
+        return _labelled(self.logits([texts] if isinstance(texts, str) else texts, progress=progress))
+
+
+def load_classifier(
+    spec: str, device: str | torch.device | None = None, **hub_kwargs: Any
+) -> SentimentClassifier | SentimentEnsemble:
+    """A checkpoint folder or hub id, or several joined by commas (``runs/ft-fwd/best,runs/ft-bwd/best``): an
+    ensemble of them. What ``sentiment predict`` and ``sentiment evaluate`` take as ``--model``."""
+    paths = [part.strip() for part in spec.split(",")]
+    if any(not path for path in paths):
+        raise CheckpointError(f"--model {spec!r} has an empty entry: give checkpoints joined by single commas")
+    if len(paths) == 1:
+        return SentimentClassifier.from_pretrained(paths[0], device=device, **hub_kwargs)
+    return SentimentEnsemble.from_pretrained(paths, device=device, **hub_kwargs)
+
+
+def _pretokenize(texts: Sequence[str]) -> list[list[str]]:
+    return pretokenize([t if isinstance(t, str) else "" for t in texts])
+
+
+def _labelled(logits: np.ndarray) -> list[dict[str, Any]]:
+    positive = 1 / (1 + np.exp(-np.asarray(logits, dtype=np.float64)))
+    return [{"label": LABELS[int(p > 0.5)], "score": float(p if p > 0.5 else 1 - p)} for p in positive]
+
+
+def evaluate_texts(
+    classifier: SentimentClassifier | SentimentEnsemble, texts: Sequence[str], labels: Sequence[int]
+) -> dict[str, Any]:
     """Loss (BCE), accuracy, precision, recall and F1 of the positive class, and the confusion matrix."""
     return classification_metrics(classifier.logits(texts, progress=True), labels)
 
 
-def logits_of_prepared(classifier: SentimentClassifier, split: EncodedSplit, tokenizer: Tokenizer) -> np.ndarray:
+def logits_of_prepared(
+    classifier: SentimentClassifier | SentimentEnsemble, split: EncodedSplit, tokenizer: Tokenizer
+) -> np.ndarray:
     """One logit per review of a split of a ``sentiment prepare`` folder (token ids made by ``tokenizer``), in the
-    split's order: no spaCy needed, so a GPU machine without it can evaluate. The checkpoint must use the same
-    vocabulary."""
+    split's order: no spaCy needed, so a GPU machine without it can evaluate. The checkpoint (every member of an
+    ensemble) must use the same vocabulary."""
+    if isinstance(classifier, SentimentEnsemble):
+        return mean_probability_logits([logits_of_prepared(m, split, tokenizer) for m in classifier.members])
     if json.loads(tokenizer.to_str()) != json.loads(classifier.tokenizer.to_str()):
         raise CheckpointError(
             "the prepared data was encoded with another tokenizer.json than the checkpoint's: evaluate from the "
@@ -123,7 +192,9 @@ def logits_of_prepared(classifier: SentimentClassifier, split: EncodedSplit, tok
     return classifier.logits_of_ids([split[i][0] for i in range(len(split))], progress=True)
 
 
-def evaluate_prepared(classifier: SentimentClassifier, split: EncodedSplit, tokenizer: Tokenizer) -> dict[str, Any]:
+def evaluate_prepared(
+    classifier: SentimentClassifier | SentimentEnsemble, split: EncodedSplit, tokenizer: Tokenizer
+) -> dict[str, Any]:
     """``evaluate_texts`` on a split of a ``sentiment prepare`` folder (see :func:`logits_of_prepared`)."""
     return classification_metrics(logits_of_prepared(classifier, split, tokenizer), split.labels.tolist())
 
@@ -152,9 +223,15 @@ def ensemble_metrics(members: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[s
                 f"member {number} scored another split ({len(logits)} reviews, labels differ): ensemble logits of "
                 "the same split of the same prepared data"
             )
-    probability = np.mean([1 / (1 + np.exp(-np.asarray(logits, dtype=np.float64))) for logits, _ in members], axis=0)
+    return classification_metrics(mean_probability_logits([logits for logits, _ in members]), labels.tolist())
+
+
+def mean_probability_logits(member_logits: Sequence[np.ndarray]) -> np.ndarray:
+    """The logit of the mean positive-class probability of several models' logits for the same reviews (how an
+    ensemble scores: each member's sigmoid, averaged, mapped back to a logit; clipped to +-27.6)."""
+    probability = np.mean([1 / (1 + np.exp(-np.asarray(logits, dtype=np.float64))) for logits in member_logits], axis=0)
     probability = np.clip(probability, 1e-12, 1 - 1e-12)
-    return classification_metrics(np.log(probability / (1 - probability)), labels.tolist())
+    return np.log(probability / (1 - probability))
 
 
 def classification_metrics(logits: np.ndarray, labels: Sequence[int]) -> dict[str, Any]:

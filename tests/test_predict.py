@@ -18,6 +18,7 @@ from sentiment.config import build_config
 from sentiment.model import CheckpointError, LSTMClassifier
 from sentiment.predict import (
     SentimentClassifier,
+    SentimentEnsemble,
     ensemble_metrics,
     evaluate_texts,
     read_texts,
@@ -324,3 +325,46 @@ def test_checkpoint_code_needs_neither_spacy_nor_datasets_to_import() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_an_ensemble_of_a_forward_and_a_backward_checkpoint(hub_imdb: Path, tmp_path: Path) -> None:
+    """ULMFiT's pair as one predictor: a forward and a backward (``reverse``) LSTM trained from one prepared folder.
+    `SentimentEnsemble` scores the logit of the members' mean probability; `sentiment evaluate --model A,B` gives
+    the figures scripts/ensemble.py computes from the two runs' saved test logits; `sentiment predict --model A,B`
+    labels by the ensemble; a malformed list is refused."""
+    prepared = tmp_path / "prepared"
+    result = cli("prepare", "--dataset", str(hub_imdb), "--num_proc=1", f"--output_dir={prepared}")
+    assert result.returncode == 0, result.stderr
+    runs = []
+    for name, reverse in (("forward", False), ("backward", True)):
+        values = {"prepared": str(prepared), "output_dir": str(tmp_path / name), "epochs": 2, "batch_size": 8,
+                  "hidden_dim": 8, "lr": 0.01, "reverse": reverse, "report_to": "none"}  # fmt: skip
+        train(build_config(None, values))
+        runs.append(tmp_path / name)
+    ensemble = SentimentEnsemble.from_pretrained([run / "best" for run in runs], device="cpu")
+    assert [m.model.reverse for m in ensemble.members] == [False, True]
+    texts = ["A wonderful, moving film.", "Awful and boring, a waste.", "great fun but far too long"]
+    member_logits = [SentimentClassifier.from_pretrained(run / "best", device="cpu").logits(texts) for run in runs]
+    assert not np.allclose(member_logits[0], member_logits[1])  # two different models
+    mean_probability = np.mean([1 / (1 + np.exp(-logits.astype(np.float64))) for logits in member_logits], axis=0)
+    np.testing.assert_allclose(1 / (1 + np.exp(-ensemble.logits(texts))), mean_probability, rtol=1e-6)
+    assert [p["label"] for p in ensemble(texts)] == ["pos" if p > 0.5 else "neg" for p in mean_probability]
+
+    output = tmp_path / "eval.json"
+    spec = ",".join(str(run / "best") for run in runs)
+    result = cli("evaluate", "--model", spec, "--prepared", str(prepared), "--output", str(output), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    saved = []
+    for run in runs:
+        with np.load(run / "test-logits.npz") as logits:
+            saved.append((logits["logits"], logits["labels"]))
+    expected = ensemble_metrics(saved)
+    figures = json.loads(output.read_text())
+    assert figures["count"] == expected["count"] and figures["accuracy"] == pytest.approx(expected["accuracy"])
+    assert figures["loss"] == pytest.approx(expected["loss"], rel=1e-4)
+
+    result = cli("predict", "--model", spec, "--device", "cpu", *texts)
+    assert result.returncode == 0, result.stderr
+    assert [line.split("\t")[0] for line in result.stdout.strip().splitlines()] == [p["label"] for p in ensemble(texts)]
+    result = cli("predict", "--model", spec + ",", "good")
+    assert result.returncode != 0 and "empty entry" in result.stderr
