@@ -90,6 +90,12 @@ def plot_validation_curves(entries: list[dict], output: Path) -> None:
     os.replace(tmp, output)
 
 
+def _run_label(run: str) -> str:
+    """A run file's link text: its name, with its folder's where the name alone says nothing (run folders)."""
+    path = Path(run)
+    return f"{path.parent.name}/{path.name}" if path.name == "metrics.json" else path.name
+
+
 def _write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -119,7 +125,7 @@ def main() -> None:
         ]
         for entry in entries:
             page += [f"## {entry['name']}", "", entry.get("notes", "").strip(), "", "```bash", entry["command"].strip(),
-                     "```", "", "Runs: " + ", ".join(f"[{Path(r).name}]({os.path.relpath(r, 'docs')})"
+                     "```", "", "Runs: " + ", ".join(f"[{_run_label(r)}]({os.path.relpath(r, 'docs')})"
                                                      for r in entry["runs"]), ""]  # fmt: skip
         _write(args.doc, "\n".join(page))
     if args.readme:
