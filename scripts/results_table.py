@@ -53,9 +53,9 @@ def table(manifest: Path) -> tuple[str, list[dict]]:
     return "\n".join(lines), entries
 
 
-def plot_validation_curves(entries: list[dict], output: Path) -> None:
+def plot_validation_curves(entries: list[dict], output: Path) -> list[str]:
     """Every entry's validation accuracy per epoch (``table``'s entries), the mean over its runs with a min-max
-    band, on one figure."""
+    band, on one figure; returns the names of the entries drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,6 +88,7 @@ def plot_validation_curves(entries: list[dict], output: Path) -> None:
     figure.savefig(tmp, dpi=120)
     plt.close(figure)
     os.replace(tmp, output)
+    return [entry["name"] for entry in shown]
 
 
 def _run_label(run: str) -> str:

@@ -92,6 +92,18 @@ def test_results_table_from_a_manifest(two_runs: list[Path], tmp_path: Path) -> 
     assert f"| pair | CPU | 1 | {record['valid_acc']:.4f} | {record['test_acc']:.4f} | " in text
     assert text.split("| pair |")[1].splitlines()[0].endswith(f" | {seconds:.2f} |")
     assert "sentiment train ..." in (repo / "docs" / "results.md").read_text()
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from results_table import plot_validation_curves, table
+    finally:
+        sys.path.pop(0)
+    common = {"hardware": "CPU", "command": "-"}
+    manifest.write_text(json.dumps([{"name": "shown", **common, "runs": runs},
+                                    {"name": "left out", "plot": False, **common, "runs": runs},
+                                    {"name": "pair", **common, "runs": ["docs/results/ensemble.json"]}]))  # fmt: skip
+    _, entries = table(manifest)
+    assert [entry["name"] for entry in entries] == ["shown", "left out", "pair"]  # all in the table
+    assert plot_validation_curves(entries, plot) == ["shown"]  # not the one left out, nor the ensemble (no epochs)
     manifest.write_text(json.dumps([{"name": "gone", "hardware": "CPU", "command": "-", "runs": ["docs/x.json"]}]))
     result = subprocess.run([sys.executable, script, manifest], capture_output=True, text=True, cwd=repo)
     assert result.returncode != 0 and "missing files: docs/x.json" in result.stderr
