@@ -48,7 +48,21 @@ def _tokenizer_file(path_or_id: str | Path, **hub_kwargs: Any) -> Path:
         ) from err
 
 
-class SentimentClassifier:
+class _ReviewScorer:
+    """What a scorer of reviews shares: labels and probabilities from its ``logits``."""
+
+    def logits(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
+        """One logit per text (positive > 0), in the order given."""
+        raise NotImplementedError
+
+    def __call__(self, texts: str | Sequence[str], progress: bool = False) -> list[dict[str, Any]]:
+        """``{"label": "pos"|"neg", "score": probability of that label}`` for each text."""
+        logits = self.logits([texts] if isinstance(texts, str) else texts, progress=progress)
+        positive = 1 / (1 + np.exp(-np.asarray(logits, dtype=np.float64)))
+        return [{"label": LABELS[int(p > 0.5)], "score": float(p if p > 0.5 else 1 - p)} for p in positive]
+
+
+class SentimentClassifier(_ReviewScorer):
     """Score movie reviews with a trained checkpoint: ``clf(["A wonderful film."])`` ->
     ``[{"label": "pos", "score": 0.97}]`` (``score`` is the probability of the returned label)."""
 
@@ -102,12 +116,8 @@ class SentimentClassifier:
             logits[rows] = output.float().cpu().numpy()
         return logits
 
-    def __call__(self, texts: str | Sequence[str], progress: bool = False) -> list[dict[str, Any]]:
-        """``{"label": "pos"|"neg", "score": probability of that label}`` for each text."""
-        return _labelled(self.logits([texts] if isinstance(texts, str) else texts, progress=progress))
 
-
-class SentimentEnsemble:
+class SentimentEnsemble(_ReviewScorer):
     """Several checkpoints scored as one model: the mean of their positive-class probabilities, e.g. ULMFiT's
     forward + backward pair, ``SentimentEnsemble.from_pretrained(["runs/ft-fwd/best", "runs/ft-bwd/best"])``
     (a backward checkpoint reverses the reviews itself). The reviews are pretokenized once; each member encodes
@@ -142,10 +152,6 @@ class SentimentEnsemble:
             [member.logits_of_ids(member.encode_words(words), progress=progress) for member in self.members]
         )
 
-    def __call__(self, texts: str | Sequence[str], progress: bool = False) -> list[dict[str, Any]]:
-        """``{"label": "pos"|"neg", "score": probability of that label}`` for each text."""
-        return _labelled(self.logits([texts] if isinstance(texts, str) else texts, progress=progress))
-
 
 def load_classifier(
     spec: str, device: str | torch.device | None = None, **hub_kwargs: Any
@@ -164,11 +170,6 @@ def _pretokenize(texts: Sequence[str]) -> list[list[str]]:
     return pretokenize([t if isinstance(t, str) else "" for t in texts])
 
 
-def _labelled(logits: np.ndarray) -> list[dict[str, Any]]:
-    positive = 1 / (1 + np.exp(-np.asarray(logits, dtype=np.float64)))
-    return [{"label": LABELS[int(p > 0.5)], "score": float(p if p > 0.5 else 1 - p)} for p in positive]
-
-
 def evaluate_texts(
     classifier: SentimentClassifier | SentimentEnsemble, texts: Sequence[str], labels: Sequence[int]
 ) -> dict[str, Any]:
@@ -182,14 +183,17 @@ def logits_of_prepared(
     """One logit per review of a split of a ``sentiment prepare`` folder (token ids made by ``tokenizer``), in the
     split's order: no spaCy needed, so a GPU machine without it can evaluate. The checkpoint (every member of an
     ensemble) must use the same vocabulary."""
-    if isinstance(classifier, SentimentEnsemble):
-        return mean_probability_logits([logits_of_prepared(m, split, tokenizer) for m in classifier.members])
-    if json.loads(tokenizer.to_str()) != json.loads(classifier.tokenizer.to_str()):
+    members = classifier.members if isinstance(classifier, SentimentEnsemble) else [classifier]
+    vocabulary = json.loads(tokenizer.to_str())
+    if any(json.loads(member.tokenizer.to_str()) != vocabulary for member in members):
         raise CheckpointError(
             "the prepared data was encoded with another tokenizer.json than the checkpoint's: evaluate from the "
             "raw dataset (--dataset) instead, or use the prepared folder the checkpoint was trained from"
         )
-    return classifier.logits_of_ids([split[i][0] for i in range(len(split))], progress=True)
+    ids = [split[i][0] for i in range(len(split))]
+    if len(members) == 1:
+        return members[0].logits_of_ids(ids, progress=True)
+    return mean_probability_logits([member.logits_of_ids(ids, progress=True) for member in members])
 
 
 def evaluate_prepared(
