@@ -7,6 +7,7 @@ spaCy, datasets or network trains from it (``--prepared DIR``), like nanoGPT's `
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -94,6 +95,19 @@ class PreparedData:
     def data_config(self) -> dict[str, Any]:
         """The data keys of the config this data was prepared with."""
         return {key: self.info[key] for key in DATA_KEYS if key in self.info}
+
+    def resolve(self, cfg: TrainConfig) -> tuple[TrainConfig, np.ndarray | None]:
+        """``cfg`` with the data keys this data was prepared with, and the embedding matrix to start from.
+
+        Vectors only initialise the embedding, so ``vectors: none`` also runs on data prepared with vectors:
+        the same token ids, an embedding of the config's ``embedding_dim`` started at random.
+        """
+        keys = self.data_config()
+        embeddings = self.embeddings
+        if cfg.vectors.lower() == "none" and embeddings is not None:
+            keys.update(vectors="none", embedding_dim=cfg.embedding_dim)
+            embeddings = None
+        return dataclasses.replace(cfg, **keys), embeddings
 
 
 def prepare_data(cfg: TrainConfig, cache_dir: str | None = None) -> PreparedData:

@@ -173,7 +173,7 @@ def _pretrain(accelerator: Accelerator, cfg: TrainConfig) -> dict[str, Any]:
         data = PreparedData.load(cfg.prepared) if cfg.prepared else prepare_data(cfg)
     if "unsupervised" not in data.splits:
         logger.warning("no unsupervised split in the data (with_unsupervised: false): pretraining on train only")
-    resolved = dataclasses.replace(cfg, output_dir=str(output_dir), **data.data_config())
+    resolved, embeddings = data.resolve(dataclasses.replace(cfg, output_dir=str(output_dir)))
     if accelerator.is_main_process:
         resolved.save(output_dir / "config.yaml")
 
@@ -188,9 +188,9 @@ def _pretrain(accelerator: Accelerator, cfg: TrainConfig) -> dict[str, Any]:
         weight_dropout=cfg.weight_dropout,
         reverse=cfg.reverse,
     )
-    if data.embeddings is not None:
+    if embeddings is not None:
         with torch.no_grad():
-            model.embedding.weight.copy_(torch.from_numpy(data.embeddings))
+            model.embedding.weight.copy_(torch.from_numpy(embeddings))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
 

@@ -460,7 +460,7 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
 
     with accelerator.main_process_first():
         data = PreparedData.load(cfg.prepared) if cfg.prepared else prepare_data(cfg)
-    resolved = dataclasses.replace(cfg, output_dir=str(output_dir), **data.data_config())
+    resolved, embeddings = data.resolve(dataclasses.replace(cfg, output_dir=str(output_dir)))
     if accelerator.is_main_process:
         with _saving(output_dir, output_dir / "config.yaml"):
             resolved.save(output_dir / "config.yaml")
@@ -468,7 +468,9 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
             "data: %s; vocabulary %d; GloVe coverage %s",
             data.info["sizes"],
             data.info["vocab_size"],
-            f"{100 * data.info['vectors_coverage']:.1f}%" if "vectors_coverage" in data.info else "n/a",
+            f"{100 * data.info['vectors_coverage']:.1f}%"
+            if embeddings is not None and "vectors_coverage" in data.info
+            else "n/a (random embedding)",
         )
 
     set_seed(cfg.seed)
@@ -490,8 +492,8 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
         truncate_bptt=cfg.truncate_bptt,
         reverse=cfg.reverse,
     )
-    if data.embeddings is not None:
-        model.load_embeddings(torch.from_numpy(data.embeddings))
+    if embeddings is not None:
+        model.load_embeddings(torch.from_numpy(embeddings))
     if cfg.init_from:
         from sentiment.pretrain import init_from_language_model
 

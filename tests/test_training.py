@@ -176,6 +176,29 @@ def test_prepared_folder_trains_like_raw_data(hub_imdb: Path, tmp_path: Path) ->
     assert resolved["dataset"] == str(hub_imdb)
 
 
+def test_random_embedding_on_data_prepared_with_vectors(hub_imdb: Path, tmp_path: Path) -> None:
+    """`vectors: none` on a folder prepared with GloVe trains on the folder's token ids with a random embedding of
+    the config's embedding_dim, and the run's config.yaml says so; the folder's GloVe still serves other runs."""
+    prepared = prepare_data(tiny_config(hub_imdb, tmp_path / "unused"))
+    assert prepared.embeddings is not None and prepared.embeddings.shape[1] == 50
+    prepared.save(tmp_path / "prepared")
+    run = tmp_path / "random"
+    metrics = train(
+        tiny_config(
+            "/nonexistent", run, prepared=str(tmp_path / "prepared"), vectors="none", embedding_dim=12, epochs=1
+        )
+    )
+    assert np.isfinite(metrics["history"][0]["train_loss"])
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert (resolved["vectors"], resolved["embedding_dim"]) == ("none", 12)
+    model = LSTMClassifier.from_pretrained(run / "best")
+    assert tuple(model.embedding.weight.shape) == (prepared.tokenizer.get_vocab_size(), 12)
+    glove_run = tmp_path / "glove"
+    train(tiny_config("/nonexistent", glove_run, prepared=str(tmp_path / "prepared"), embedding_dim=12, epochs=1))
+    resolved = yaml.safe_load((glove_run / "config.yaml").read_text())
+    assert (resolved["vectors"], resolved["embedding_dim"]) == ("glove-6b-50d", 50)
+
+
 def test_clipping_and_bf16_autocast_train(hub_imdb: Path, tmp_path: Path) -> None:
     """max_grad_norm and Accelerate's bf16 mixed precision run end to end on CPU with finite figures."""
     metrics = train(tiny_config(hub_imdb, tmp_path / "bf16", epochs=2, max_grad_norm=0.5, mixed_precision="bf16"))
