@@ -29,7 +29,7 @@ class TrainConfig:
     # data
     dataset: str = "stanfordnlp/imdb"
     prepared: str | None = None
-    split_scheme: Literal["standard", "seed"] = "standard"
+    split_scheme: Literal["standard", "movie_blocks", "seed"] = "standard"
     split_seed: int = 42
     valid_fraction: float | None = None
     max_train_samples: int | None = None

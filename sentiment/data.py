@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -24,6 +25,9 @@ logger = logging.getLogger(__name__)
 LABEL_NAMES = ["neg", "pos"]
 FEATURES = Features({"text": Value("string"), "label": ClassLabel(names=LABEL_NAMES)})
 DEFAULT_DATASET = "stanfordnlp/imdb"
+# split_scheme movie_blocks: IMDB's files keep each movie's reviews (at most 30 per movie) next to each other within
+# a label, so validation is carved as whole blocks of this many rows: a movie is split off only at a block's ends.
+MOVIE_BLOCK_ROWS = 100
 
 
 class DataError(ValueError):
@@ -206,21 +210,59 @@ def split_imdb(
     ``standard``: validation is ``valid_fraction`` of train; the full test set is the test set.
     ``seed`` (the report's scheme): train is the full train set; test is divided into test and validation,
     ``valid_fraction`` of it going to validation (the report used 0.3).
+    ``movie_blocks``: as ``standard``, but validation is a seeded choice of whole blocks of ``MOVIE_BLOCK_ROWS``
+    consecutive reviews of each label. IMDB's train file keeps a movie's reviews together, so these validation
+    reviews are mostly of movies that training never sees - like the test set's, which are disjoint from train's -
+    while a random carve shares movies with training and overestimates test accuracy
+    (``benchmarks/validation_split_gap.py``).
     ``max_train_samples`` / ``max_eval_samples`` keep the first N of each (already shuffled) split.
     """
-    if scheme == "standard":
-        parts = raw["train"].train_test_split(test_size=valid_fraction, stratify_by_column="label", seed=seed)
-        splits = DatasetDict(train=parts["train"], validation=parts["test"], test=raw["test"])
+    if scheme in ("standard", "movie_blocks"):
+        if scheme == "standard":
+            parts = raw["train"].train_test_split(test_size=valid_fraction, stratify_by_column="label", seed=seed)
+            splits = DatasetDict(train=parts["train"], validation=parts["test"], test=raw["test"])
+        else:
+            is_valid = movie_block_rows(raw["train"]["label"], valid_fraction, seed)
+            splits = DatasetDict(
+                train=raw["train"].select(np.flatnonzero(~is_valid)).shuffle(seed=seed),
+                validation=raw["train"].select(np.flatnonzero(is_valid)).shuffle(seed=seed),
+                test=raw["test"],
+            )
         if max_eval_samples is not None:
             splits["test"] = splits["test"].shuffle(seed=seed)
     elif scheme == "seed":
         parts = raw["test"].train_test_split(test_size=valid_fraction, stratify_by_column="label", seed=seed)
         splits = DatasetDict(train=raw["train"].shuffle(seed=seed), validation=parts["test"], test=parts["train"])
     else:
-        raise DataError(f"split_scheme must be 'standard' or 'seed' (got {scheme!r})")
+        raise DataError(f"split_scheme must be 'standard', 'movie_blocks' or 'seed' (got {scheme!r})")
     if max_train_samples is not None:
         splits["train"] = splits["train"].select(range(min(max_train_samples, len(splits["train"]))))
     if max_eval_samples is not None:
         for split in ("validation", "test"):
             splits[split] = splits[split].select(range(min(max_eval_samples, len(splits[split]))))
     return splits
+
+
+def movie_block_rows(
+    labels: list[int], valid_fraction: float, seed: int, block_rows: int = MOVIE_BLOCK_ROWS
+) -> np.ndarray:
+    """A boolean mask of the validation rows for ``split_scheme: movie_blocks``.
+
+    The rows of each label, in file order, are cut into blocks of ``block_rows``; a seeded ``valid_fraction`` of
+    each label's blocks (at least one) is validation, so both labels keep their share.
+    """
+    labels_array = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    is_valid = np.zeros(len(labels_array), dtype=bool)
+    for label in np.unique(labels_array):
+        rows = np.flatnonzero(labels_array == label)
+        blocks = [rows[start : start + block_rows] for start in range(0, len(rows), block_rows)]
+        if len(blocks) < 2:
+            raise DataError(
+                f"split_scheme movie_blocks carves validation in blocks of {block_rows} reviews per label, but label "
+                f"{label} has only {len(rows)} training reviews; use split_scheme: standard for a dataset this small"
+            )
+        chosen = rng.choice(len(blocks), size=max(1, round(valid_fraction * len(blocks))), replace=False)
+        for block in chosen:
+            is_valid[blocks[block]] = True
+    return is_valid

@@ -290,6 +290,37 @@ def test_split_is_seeded(hub_raw: DatasetDict, scheme: str) -> None:
     assert set(a["validation"]["text"]) != set(c["validation"]["text"])
 
 
+def row_numbers(ds: Dataset) -> list[int]:
+    """The original row numbers of ``in_memory`` texts (``train-17`` -> 17), sorted."""
+    return sorted(int(text.rsplit("-", 1)[1]) for text in ds["text"])
+
+
+def test_movie_blocks_validation_is_whole_blocks_of_each_label() -> None:
+    """movie_blocks: validation is whole blocks of 100 consecutive rows, the same share of each label (30%
+    positives here), train the rest; nothing lost or shared."""
+    raw = in_memory(2000, 50, positive=0.3)  # 1400 negatives (14 blocks), then 600 positives (6 blocks)
+    splits = split_imdb(raw, "movie_blocks", valid_fraction=0.2, seed=5)
+    valid_rows = row_numbers(splits["validation"])
+    assert len(valid_rows) == 100 * (round(0.2 * 14) + round(0.2 * 6))
+    starts = valid_rows[::100]
+    assert all(start % 100 == 0 for start in starts)
+    assert valid_rows == [start + i for start in starts for i in range(100)]
+    assert positive_fraction(splits["validation"]) == pytest.approx(100 / 400)
+    assert sorted(valid_rows + row_numbers(splits["train"])) == list(range(2000))
+    assert splits["train"]["text"][:5] != sorted(splits["train"]["text"])[:5]  # shuffled, not in file order
+    seen = {
+        tuple(row_numbers(split_imdb(raw, "movie_blocks", valid_fraction=0.2, seed=s)["validation"])) for s in range(4)
+    }
+    assert len(seen) > 1
+    assert row_numbers(split_imdb(raw, "movie_blocks", valid_fraction=0.2, seed=5)["validation"]) == valid_rows
+
+
+def test_movie_blocks_needs_two_blocks_per_label(hub_raw: DatasetDict) -> None:
+    """On a dataset too small for 100-review blocks the error names the scheme and the fix."""
+    with pytest.raises(DataError, match="split_scheme: standard"):
+        split_imdb(hub_raw, "movie_blocks", valid_fraction=0.1, seed=0)
+
+
 def test_seed_scheme(hub_raw: DatasetDict) -> None:
     """Seed scheme: train is the full train set; test is divided 70/30 into test and validation."""
     splits = split_imdb(hub_raw, "seed", valid_fraction=0.3, seed=42)

@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from conftest import make_split
 from test_training import tiny_config
 
 from sentiment.training import train
@@ -135,3 +138,30 @@ def test_lm_finetune_seeds_pretrains_once_and_fine_tunes_each_seed(hub_imdb: Pat
         assert metrics["sizes"]["test"] > 0 and 0.0 <= metrics["test_acc"] <= 1.0
         assert "weights from the language model" in (results / f"finetune-{seed}.log").read_text()
         assert any(line.startswith(f"| finetune-{seed} |") for line in table)
+
+
+def test_validation_split_gap_measures_both_schemes(tmp_path: Path) -> None:
+    """On a train file grouped by movie (10 reviews sharing a name, as IMDB's file is), the script finds the
+    grouping, trains its logistic regression for each scheme and seed, and writes JSON and Markdown."""
+    (tmp_path / "imdb" / "plain_text").mkdir(parents=True)
+    for split, n, seed in (("train", 400, 11), ("test", 100, 12)):
+        texts, labels = make_split(n, seed)
+        movie_names = ["Qx" + chr(97 + i // 26) + chr(97 + i % 26) for i in range(n // 10)]
+        texts = [f"{text} Starring {movie_names[i // 10]}." for i, text in enumerate(texts)]
+        table = pa.table({"text": texts, "label": pa.array(labels, pa.int64())})
+        pq.write_table(table, tmp_path / "imdb" / "plain_text" / f"{split}-00000-of-00001.parquet")
+    output = tmp_path / "gap"
+    args = ["--dataset", tmp_path / "imdb", "--output", output, "--seeds", "1,2", "--epochs", "3"]
+    subprocess.run([sys.executable, ROOT / "scripts" / "validation_split_gap.py", *args], check=True)
+    result = json.loads(output.with_suffix(".json").read_text())
+    assert result["neighbour_name_overlap"]["1"] > 0.8 > 0.1 > result["neighbour_name_overlap"]["random"]
+    assert [(run["scheme"], run["seed"]) for run in result["runs"]] == [
+        ("standard", 1),
+        ("standard", 2),
+        ("movie_blocks", 1),
+        ("movie_blocks", 2),
+    ]
+    for run in result["runs"]:
+        assert 0.6 < run["test_acc"] <= 1 and 0 < run["valid_acc"] <= 1
+        assert run["gap"] == run["valid_acc"] - run["test_acc"]
+    assert "| movie_blocks |" in output.with_suffix(".md").read_text()
