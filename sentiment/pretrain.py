@@ -24,7 +24,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
@@ -33,7 +32,7 @@ from tqdm.auto import tqdm
 from sentiment.config import ConfigError, TrainConfig
 from sentiment.model import CheckpointError, LSTMClassifier, load_checkpoint, lstm_layers, unshare_storage
 from sentiment.prepare import PreparedData, prepare_data
-from sentiment.training import LRFactor, plot_curves, save_best, write_atomic
+from sentiment.training import LRFactor, finish, plot_curves, save_best, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +158,7 @@ def pretrain(cfg: TrainConfig) -> dict[str, Any]:
     try:
         return _pretrain(accelerator, cfg)
     finally:
-        AcceleratorState._reset_state()
+        finish(accelerator)
 
 
 def _pretrain(accelerator: Accelerator, cfg: TrainConfig) -> dict[str, Any]:
