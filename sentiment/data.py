@@ -214,7 +214,7 @@ def split_imdb(
     consecutive reviews of each label. IMDB's train file keeps a movie's reviews together, so these validation
     reviews are mostly of movies that training never sees - like the test set's, which are disjoint from train's -
     while a random carve shares movies with training and overestimates test accuracy
-    (``benchmarks/validation_split_gap.py``).
+    (``scripts/validation_split_gap.py``).
     ``max_train_samples`` / ``max_eval_samples`` keep the first N of each (already shuffled) split.
     """
     if scheme in ("standard", "movie_blocks"):
