@@ -7,7 +7,8 @@ The manifest lists entries ``{name, hardware, command, runs: [metrics.json, ...]
 (seeds) shows mean ± standard deviation. ``--doc`` writes the full page (table + each entry's command and run
 files); ``--readme`` replaces the table between ``<!-- results:start -->`` and ``<!-- results:end -->``;
 ``--plot`` draws every entry's validation accuracy per epoch (mean over its runs, band: min to max) on one figure,
-except those whose ``plot`` is false (repeats and diverged runs: the main configurations stay readable).
+except those whose ``plot`` is false (repeats and diverged runs: the main configurations stay readable). An entry
+whose ``readme`` is false (a candidate a search tried and did not adopt) is on the results page only.
 A run file may also be an ensemble's record (``scripts/ensemble.py --output``): its s / epoch is its members' sum,
 and it has no curve.
 """
@@ -32,25 +33,31 @@ def _cell(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
+def markdown_table(entries: list[dict]) -> str:
+    """The Markdown table of entries whose runs' ``metrics`` are loaded (see ``table``)."""
+    lines = ["| configuration | hardware | seeds | " + " | ".join(t for _, t in COLUMNS) + " | s / epoch |"]
+    lines.append("|---|---|---|" + "---|" * len(COLUMNS) + "---|")
+    for entry in entries:
+        metrics = entry["metrics"]
+        cells = [_cell([m[key] for m in metrics]) for key, _ in COLUMNS]
+        speed = f"{statistics.mean(m['epoch_seconds_mean'] for m in metrics):.2f}"
+        lines.append(
+            f"| {entry['name']} | {entry['hardware']} | {len(metrics)} | " + " | ".join(cells) + f" | {speed} |"
+        )
+    return "\n".join(lines)
+
+
 def table(manifest: Path) -> tuple[str, list[dict]]:
     """The Markdown table of the manifest's entries, and the entries, each with its runs' ``metrics`` loaded (paths
     resolved from the repository root)."""
     entries = yaml.safe_load(manifest.read_text())
     root = manifest.resolve().parents[2]  # docs/results/manifest.yaml -> the repository
-    lines = ["| configuration | hardware | seeds | " + " | ".join(t for _, t in COLUMNS) + " | s / epoch |"]
-    lines.append("|---|---|---|" + "---|" * len(COLUMNS) + "---|")
     for entry in entries:
         missing = [run for run in entry["runs"] if not (root / run).is_file()]
         if missing:
             raise SystemExit(f"{manifest}: entry {entry['name']!r} lists missing files: {', '.join(missing)}")
-        metrics = entry["metrics"] = [json.loads((root / run).read_text()) for run in entry["runs"]]
-        cells = [_cell([m[key] for m in metrics]) for key, _ in COLUMNS]
-        seconds = [m["epoch_seconds_mean"] for m in metrics]
-        speed = f"{statistics.mean(seconds):.2f}"
-        lines.append(
-            f"| {entry['name']} | {entry['hardware']} | {len(metrics)} | " + " | ".join(cells) + f" | {speed} |"
-        )
-    return "\n".join(lines), entries
+        entry["metrics"] = [json.loads((root / run).read_text()) for run in entry["runs"]]
+    return markdown_table(entries), entries
 
 
 def plot_validation_curves(entries: list[dict], output: Path) -> list[str]:
@@ -135,7 +142,8 @@ def main() -> None:
             raise SystemExit(f"{args.readme} has no {START} ... {END} markers to put the table between")
         before, rest = readme.split(START, 1)
         _, after = rest.split(END, 1)
-        _write(args.readme, f"{before}{START}\n{text}\n{END}{after}")
+        shown = markdown_table([entry for entry in entries if entry.get("readme", True)])
+        _write(args.readme, f"{before}{START}\n{shown}\n{END}{after}")
     print(text)
 
 

@@ -77,7 +77,8 @@ def test_results_table_from_a_manifest(two_runs: list[Path], tmp_path: Path) -> 
     manifest = repo / "docs" / "results" / "manifest.yaml"
     manifest.write_text(
         json.dumps([{"name": "both", "hardware": "CPU", "command": "sentiment train ...", "runs": runs},
-                    {"name": "pair", "hardware": "CPU", "command": "-", "runs": ["docs/results/ensemble.json"]}])
+                    {"name": "pair", "hardware": "CPU", "command": "-", "runs": ["docs/results/ensemble.json"]},
+                    {"name": "tried", "readme": False, "hardware": "CPU", "command": "-", "runs": runs[:1]}])
     )  # fmt: skip
     readme = repo / "README.md"
     readme.write_text("# x\n<!-- results:start -->\nold\n<!-- results:end -->\nafter\n")
@@ -94,7 +95,9 @@ def test_results_table_from_a_manifest(two_runs: list[Path], tmp_path: Path) -> 
     seconds = sum(json.loads((run / "metrics.json").read_text())["epoch_seconds_mean"] for run in two_runs)
     assert f"| pair | CPU | 1 | {record['valid_acc']:.4f} | {record['test_acc']:.4f} | " in text
     assert text.split("| pair |")[1].splitlines()[0].endswith(f" | {seconds:.2f} |")
-    assert "sentiment train ..." in (repo / "docs" / "results.md").read_text()
+    page = (repo / "docs" / "results.md").read_text()
+    assert "sentiment train ..." in page
+    assert "| tried | CPU | 1 | " in page and "## tried" in page and "| tried |" not in text  # results page only
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
         from results_table import plot_validation_curves, table
