@@ -2,6 +2,8 @@
 ``wandb agent``::
 
     accelerate launch scripts/train.py --config configs/bilstm.yaml --dataset ../shared/data/imdb --hidden_dim=150
+
+``--help`` lists the options (the config keys) in groups, each with its meaning and default.
 """
 
 import sys
@@ -9,4 +11,4 @@ import sys
 from sentiment.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.exit(main(["train", *sys.argv[1:]], prog=sys.argv[0]))

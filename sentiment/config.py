@@ -1,99 +1,121 @@
 """One config for a run: a dataclass filled from a YAML file and ``--key=value`` flags.
 
 The key names are the same everywhere: YAML files, command-line flags (the form ``wandb agent`` passes),
-the wandb run config, sweep files and the model card.
+the wandb run config, sweep files and the model card. Each field of ``TrainConfig`` carries its ``--help`` group
+and one-line help in its metadata; the command-line parser (jsonargparse), ``--help`` and the type checks are all
+derived from the dataclass, so they cannot drift apart.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib.util
-import types
+import os
 import typing
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from jsonargparse import SUPPRESS, ArgumentError, ArgumentParser, DefaultHelpFormatter, get_loader, set_loader
 
 
 class ConfigError(ValueError):
     """A config key or value is wrong; the message names the problem and the fix."""
 
 
+# The groups of ``--help``, in its order; the config itself stays flat.
+GROUPS = ("data", "model", "training", "language model", "output and tracking")
+
+
+def _key(default: Any, group: str, text: str) -> Any:
+    """A config field: its default, its ``--help`` group and its one-line help ``text``."""
+    if group not in GROUPS:
+        raise ValueError(f"unknown config group {group!r}")
+    return dataclasses.field(default=default, metadata={"group": group, "help": text})
+
+
 @dataclass
 class TrainConfig:
     """Everything that determines a run. Defaults follow the report where it is explicit."""
 
-    # data
-    dataset: str = "stanfordnlp/imdb"
-    prepared: str | None = None
-    split_scheme: Literal["standard", "movie_blocks", "seed"] = "standard"
-    split_seed: int = 42
-    valid_fraction: float | None = None
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    with_unsupervised: bool = False
-    num_proc: int | None = None
-    # text
-    lowercase: bool = False
-    max_length: int | None = None
-    max_vocab_size: int = 20000
-    min_freq: int = 1
-    # vectors
-    vectors: str = "glove-6b-50d"
-    embedding_dim: int = 100
-    oov_init: Literal["zeros", "random"] = "zeros"
-    freeze_embeddings: bool = False
-    # model
-    hidden_dim: int = 100
-    n_layers: int = 1
-    dropout: float = 0.5
-    bidirectional: bool = False
-    rnn_input: Literal["auto", "packed", "padded", "fused", "triton"] = "auto"
-    cuda_graphs: bool = True
-    init_from: str | None = None
-    pooling: Literal["last", "max", "mean", "concat"] = "last"
-    embedding_dropout: float = 0.0
-    weight_dropout: float = 0.0
+    dataset: str = _key("stanfordnlp/imdb", "data", "hub id, or a local folder (parquet or aclImdb)")
+    prepared: str | None = _key(None, "data", "read the data from a `sentiment prepare` folder")
+    split_scheme: Literal["standard", "movie_blocks", "seed"] = _key(
+        "standard", "data", "validation from train (standard, movie_blocks) or test (seed)"
+    )
+    split_seed: int = _key(42, "data", "seed of the validation split")
+    valid_fraction: float | None = _key(None, "data", "share held out for validation; null: 0.1 (seed: 0.3)")
+    max_train_samples: int | None = _key(None, "data", "at most N training reviews; null: all")
+    max_eval_samples: int | None = _key(None, "data", "at most N validation and test reviews; null: all")
+    with_unsupervised: bool = _key(False, "language model", "also encode the unlabelled reviews (pretraining)")
+    num_proc: int | None = _key(None, "data", "tokenizing processes; null: one per CPU")
+    lowercase: bool = _key(False, "data", "lowercase the text before tokenizing")
+    max_length: int | None = _key(None, "data", "cut reviews to N tokens; null: no cut")
+    max_vocab_size: int = _key(20000, "data", "vocabulary size (most frequent training tokens)")
+    min_freq: int = _key(1, "data", "least count for a token to enter the vocabulary")
+    vectors: str = _key("glove-6b-50d", "model", "word vectors: glove-6b-50d, a GloVe .txt/.zip, or none")
+    embedding_dim: int = _key(100, "model", "embedding size when vectors is none")
+    oov_init: Literal["zeros", "random"] = _key("zeros", "model", "start of the words the vectors lack")
+    freeze_embeddings: bool = _key(False, "model", "keep the embedding fixed")
+    hidden_dim: int = _key(100, "model", "LSTM hidden size per direction")
+    n_layers: int = _key(1, "model", "stacked LSTM layers")
+    dropout: float = _key(0.5, "model", "dropout on embeddings, between layers, before the output")
+    bidirectional: bool = _key(False, "model", "BiLSTM: read reviews in both directions")
+    rnn_input: Literal["auto", "packed", "padded", "fused", "triton"] = _key(
+        "auto", "model", "LSTM code path (auto: fused on GPU, padded on CPU)"
+    )
+    cuda_graphs: bool = _key(True, "model", "replay training steps from CUDA graphs (one GPU)")
+    init_from: str | None = _key(None, "language model", "start from a pretrained language model (RUN/best)")
+    pooling: Literal["last", "max", "mean", "concat"] = _key(
+        "last", "model", "review vector: last state, max, mean, or all three"
+    )
+    embedding_dropout: float = _key(0.0, "model", "drop whole words with this probability")
+    weight_dropout: float = _key(0.0, "model", "DropConnect on the recurrent weights")
     # Classifier training only (ULMFiT's truncated backpropagation): run the LSTM over a review in chunks of N
     # steps, the state carried across chunks but detached, so gradients flow back through at most N steps of the
     # recurrence (the forward pass is unchanged). 0: through the whole review. Not ``bptt``, the language model's
     # window (ULMFiT uses the same value for both, e.g. 70). Padded and fused paths only.
-    truncate_bptt: int = 0
+    truncate_bptt: int = _key(0, "language model", "classifier: backpropagate N-token chunks; 0: off")
     # Read every review backwards, last token first (classifier and language model): the backward half of
     # ULMFiT's forward + backward pair, whose predictions scripts/ensemble.py averages. A classifier started from a
     # language model (init_from) must read in the same direction.
-    reverse: bool = False
-    # training
-    seed: int = 42
-    epochs: int = 8
-    batch_size: int = 64
-    eval_batch_size: int = 256
-    lr: float = 1e-3
-    optimizer: Literal["adam", "adamw"] = "adam"
-    weight_decay: float = 0.0
-    lr_schedule: Literal["constant", "cosine", "onecycle"] = "constant"
-    warmup_ratio: float = 0.0
-    lr_layer_decay: float = 1.0
-    gradual_unfreezing: bool = False
-    unfreeze_warmup: float = 0.0
-    early_stopping_patience: int | None = None
-    bptt: int = 70
-    max_grad_norm: float | None = None
-    save_steps: int | None = None
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    # outputs and tracking
-    output_dir: str | None = None
-    overwrite: bool = False
-    resume: bool = False
-    report_to: Literal["wandb", "none"] = "wandb"
-    project: str = "imdb-sentiment"
-    run_name: str | None = None
-    push_to_hub: bool = False
-    hub_model_id: str | None = None
-    hub_private: bool = False
+    reverse: bool = _key(False, "language model", "read every review backwards, last token first")
+    seed: int = _key(42, "training", "random seed (weights, batch order)")
+    epochs: int = _key(8, "training", "passes over the training reviews")
+    batch_size: int = _key(64, "training", "training batch size, all processes together")
+    eval_batch_size: int = _key(256, "training", "validation and test batch size")
+    lr: float = _key(1e-3, "training", "learning rate")
+    optimizer: Literal["adam", "adamw"] = _key("adam", "training", "optimizer")
+    weight_decay: float = _key(0.0, "training", "weight decay (decoupled with adamw)")
+    lr_schedule: Literal["constant", "cosine", "onecycle"] = _key("constant", "training", "learning-rate schedule")
+    warmup_ratio: float = _key(0.0, "training", "share of the steps warming the lr up")
+    lr_layer_decay: float = _key(1.0, "language model", "lr factor per layer below the head; 1: one lr")
+    gradual_unfreezing: bool = _key(False, "language model", "train the head first, one layer more per epoch")
+    unfreeze_warmup: float = _key(0.0, "language model", "epochs over which an unfrozen layer's lr ramps up")
+    early_stopping_patience: int | None = _key(
+        None, "training", "stop after N epochs with no validation gain; null: never"
+    )
+    bptt: int = _key(70, "language model", "language model's window in tokens (pretrain)")
+    max_grad_norm: float | None = _key(None, "training", "clip gradients to this norm; null: no clipping")
+    save_steps: int | None = _key(None, "training", "also save the state every N steps; null: per epoch")
+    # None: the launcher's choice (`accelerate launch --mixed_precision bf16` sets ACCELERATE_MIXED_PRECISION),
+    # else "no"; TrainConfig.resolve_mixed_precision() makes it concrete when a run starts (config.yaml says what ran).
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = _key(
+        None, "training", "no, fp16 or bf16; null: the launcher's, else no"
+    )
+    output_dir: str | None = _key(None, "output and tracking", "run folder; null: runs/<lstm|bilstm>-<time>")
+    overwrite: bool = _key(False, "output and tracking", "replace a run already in output_dir")
+    resume: bool = _key(False, "output and tracking", "continue the run in output_dir")
+    report_to: Literal["wandb", "none"] = _key("wandb", "output and tracking", "log to wandb, or nowhere")
+    project: str = _key("imdb-sentiment", "output and tracking", "wandb project")
+    run_name: str | None = _key(None, "output and tracking", "run name (wandb; the default output_dir)")
+    push_to_hub: bool = _key(False, "output and tracking", "push the best checkpoint to the hub at the end")
+    hub_model_id: str | None = _key(None, "output and tracking", "hub repository to push to: USER/NAME")
+    hub_private: bool = _key(False, "output and tracking", "create the hub repository private")
 
     def __post_init__(self) -> None:
         problems = [p for p in _range_problems(self) if p]
@@ -106,6 +128,20 @@ class TrainConfig:
         if self.valid_fraction is not None:
             return self.valid_fraction
         return 0.3 if self.split_scheme == "seed" else 0.1
+
+    def resolve_mixed_precision(self) -> TrainConfig:
+        """This config with a concrete ``mixed_precision``: its own, else the launcher's (``accelerate launch
+        --mixed_precision bf16`` sets ACCELERATE_MIXED_PRECISION), else "no"."""
+        if self.mixed_precision is not None:
+            return self
+        launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "").strip().lower() or "no"
+        choices = _choices(_hints()["mixed_precision"])
+        if launcher not in choices:
+            raise ConfigError(
+                f"ACCELERATE_MIXED_PRECISION is {launcher!r}, which the trainer does not run: pass "
+                f"--mixed_precision with one of {', '.join(choices)}"
+            )
+        return dataclasses.replace(self, mixed_precision=launcher)
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a plain dict (what goes to YAML, wandb and the model card)."""
@@ -214,130 +250,258 @@ def config_keys() -> list[str]:
     return [f.name for f in fields(TrainConfig)]
 
 
-def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Convert ``value`` to the field's type, or raise ConfigError naming the key and the expected type."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        is_null = value is None or (isinstance(value, str) and value.lower() in ("none", "null", ""))
-        if is_null and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0])
-    if origin is Literal:
-        if isinstance(value, bool):  # YAML 1.1 reads no/yes/on/off as booleans: mixed_precision: no
-            value = next((a for a in args if yaml.safe_load(str(a)) is value), value)
-        if value not in args:
-            raise ConfigError(f"{key} must be one of {list(args)} (got {value!r})")
-        return value
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
-            return value.lower() in ("true", "yes", "1")
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        raise ConfigError(f"{key} must be true or false (got {value!r})")
-    if annotation is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key} must be an integer (got {value!r})")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key} must be an integer (got {value!r})")
-    if annotation is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key} must be a number (got {value!r})")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key} must be a number (got {value!r})") from None
-    if annotation is str:
-        if isinstance(value, bool):  # YAML 1.1 booleans (no, off, yes, on) given for a string key
-            raise ConfigError(f"{key} must be a string (got {value!r}); quote it, e.g. {key}: 'no'")
-        if isinstance(value, (str, int, float)):
-            return str(value)
-        raise ConfigError(f"{key} must be a string (got {value!r})")
-    raise TypeError(f"unsupported config annotation {annotation!r} for {key}")
+@functools.cache
+def _hints() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
 
 
-def _unknown_key_error(key: str, source: str) -> ConfigError:
-    keys = config_keys()
+def _optional(hint: Any) -> bool:
+    return type(None) in typing.get_args(hint)
+
+
+def _choices(hint: Any) -> tuple[Any, ...]:
+    """The choices of a ``Literal`` key (also inside ``| None``); empty for other keys."""
+    for part in (hint, *typing.get_args(hint)):
+        if typing.get_origin(part) is Literal:
+            return typing.get_args(part)
+    return ()
+
+
+def _base_type(hint: Any) -> Any:
+    """``int`` for ``int | None``, the Literal itself for a Literal key."""
+    inner = [a for a in typing.get_args(hint) if a is not type(None)] if _optional(hint) else [hint]
+    return inner[0]
+
+
+# ------------------------------------------------------------------------------------- values and YAML
+
+# The spellings of null on the command line: YAML's, and Python's (`wandb agent` passes --max_grad_norm=None).
+_NULLS = frozenset({"None", "none", "null", "Null", "NULL", "~"})
+
+
+def _normalize(values: dict[str, Any]) -> dict[str, Any]:
+    """Undo what YAML and sweep tools do to values before they are type-checked.
+
+    YAML 1.1 reads ``mixed_precision: no`` as the boolean false: for a key whose choices are strings, a boolean
+    becomes the choice YAML spells that way. A null spelling (``None``, ``none``, ...) of an optional key is
+    null. An integral float (``2.0``, from a sweep's numeric range) of an integer key is that integer.
+    """
+    hints = _hints()
+    normalized = dict(values)
+    for key, value in values.items():
+        hint = hints.get(key)
+        if hint is None:
+            continue
+        if isinstance(value, bool) and _choices(hint):
+            normalized[key] = next((c for c in _choices(hint) if yaml.safe_load(str(c)) is value), value)
+        elif isinstance(value, str) and value.strip() in _NULLS and _optional(hint):
+            normalized[key] = None
+        elif isinstance(value, float) and _base_type(hint) is int and value.is_integer():
+            normalized[key] = int(value)
+    return normalized
+
+
+def _load_yaml(text: str) -> Any:
+    """The config's YAML reader, for files and for flag values alike: jsonargparse's YAML (``1e-3`` is a float,
+    as YAML 1.2 says), with Python's ``None`` as null and the YAML 1.1 booleans of string choices undone."""
+    if text.strip() in _NULLS:
+        return None
+    value = get_loader("yaml")(text)
+    return _normalize(value) if isinstance(value, dict) else value
+
+
+_PARSER_MODE = "sentiment_yaml"
+set_loader(_PARSER_MODE, _load_yaml, (yaml.YAMLError,))
+
+
+# ------------------------------------------------------------------------------------------- the parser
+
+
+def _metavar(hint: Any) -> str:
+    base = _base_type(hint)
+    if _choices(hint):
+        name = "{" + ",".join(str(c) for c in _choices(hint)) + "}"
+    else:
+        name = {int: "INT", float: "FLOAT", str: "STR", bool: "BOOL"}[base]
+    return f"{name}|null" if _optional(hint) else name
+
+
+def _yaml_text(value: Any) -> str:
+    """A default as a YAML file or a flag writes it: null, true, 0.001."""
+    if value is None or isinstance(value, bool):
+        return yaml.safe_dump(value).split("\n")[0]
+    return str(value)
+
+
+class KeepsDefaultWhole:
+    """A help formatter mixin: the closing "(default: X)" of an option's help is never split across lines; it
+    ends the last line where it fits, else takes a line of its own."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        body, found, default = text.rpartition(" (default: ")
+        if not found:
+            return super()._split_lines(text, width)  # type: ignore[misc]
+        lines = super()._split_lines(body, width)  # type: ignore[misc]
+        tail = f"(default: {default}"
+        if lines and len(lines[-1]) + 1 + len(tail) <= width:
+            return [*lines[:-1], f"{lines[-1]} {tail}"]
+        return [*lines, tail]
+
+
+class HelpFormatter(KeepsDefaultWhole, DefaultHelpFormatter):
+    """The trainer's ``--help``: the metavar gives each key's type, its help line ends with its default."""
+
+    def __init__(self, prog: str, **kwargs: Any) -> None:
+        kwargs.setdefault("max_help_position", 30)
+        super().__init__(prog, **kwargs)
+
+    def _get_help_string(self, action: Any) -> str:
+        text = action.help or ""
+        if not action.option_strings or action.dest in ("help", "config") or action.default is SUPPRESS:
+            return text
+        if action.default is None and action.dest not in _hints():
+            return text
+        return f"{text} (default: {_yaml_text(action.default).replace('%', '%%')})"
+
+
+def config_parser(
+    prog: str | None = None,
+    description: str | None = None,
+    keys: Iterable[str] | None = None,
+    usage: str | None = None,
+    epilog: str | None = None,
+) -> ArgumentParser:
+    """The command-line parser of the trainer's options: ``--config FILE`` and ``--KEY=VALUE`` (or ``--KEY
+    VALUE``) for each config key (all keys, or ``keys``). Each key's type, default, ``--help`` group and help
+    line come from its ``TrainConfig`` field."""
+    parser = ArgumentParser(
+        prog=prog,
+        description=description,
+        usage=usage or "%(prog)s [--config FILE] [--KEY=VALUE ...]",
+        epilog=epilog,
+        formatter_class=HelpFormatter,
+        parser_mode=_PARSER_MODE,
+        exit_on_error=False,
+        allow_abbrev=False,
+    )
+    parser.add_argument(
+        "--config", metavar="FILE", help="YAML file of key: value lines (configs/*.yaml); the flags override it"
+    )
+    wanted = set(config_keys() if keys is None else keys)
+    hints = _hints()
+    for group in GROUPS:
+        members = [f for f in fields(TrainConfig) if f.name in wanted and f.metadata["group"] == group]
+        if not members:
+            continue
+        section = parser.add_argument_group(group)
+        for f in members:
+            options: dict[str, Any] = {"type": hints[f.name], "default": f.default, "metavar": _metavar(hints[f.name])}
+            if hints[f.name] is bool:  # --resume alone is true; --resume=false and --resume false work too
+                options.update(nargs="?", const=True)
+            section.add_argument(f"--{f.name}", help=f.metadata["help"].replace("%", "%%"), **options)
+    return parser
+
+
+@functools.cache
+def _default_parser() -> ArgumentParser:
+    return config_parser(prog="sentiment train")
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+def _unknown_key_error(key: str, source: str, valid: Sequence[str] | None = None) -> ConfigError:
+    keys = list(valid or config_keys())
     close = difflib.get_close_matches(key, keys, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     return ConfigError(f"unknown config key '{key}' in {source}.{hint} Valid keys: {', '.join(keys)}")
 
 
-def parse_overrides(args: list[str]) -> dict[str, Any]:
-    """Parse ``--key=value``, ``--key value`` and bare ``--flag`` (true) into a dict of raw YAML values."""
-    overrides: dict[str, Any] = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--") or len(arg) == 2:
-            raise ConfigError(f"unexpected argument {arg!r}: options are --key=value with a config key")
-        body = arg[2:]
-        if "=" in body:
-            key, raw = body.split("=", 1)
-        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
-            key, raw = body, args[i + 1]
-            i += 1
-        else:
-            key, raw = body, "true"
-        key = key.replace("-", "_")
-        try:
-            overrides[key] = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError:
-            overrides[key] = raw
-        i += 1
-    return overrides
+def _expected(hint: Any) -> str:
+    """What a key takes, in words: 'an integer', "one of 'last', 'max'", 'a number or null'."""
+    base = _base_type(hint)
+    if _choices(hint):
+        text = "one of " + ", ".join(repr(c) for c in _choices(hint))
+    else:
+        text = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[base]
+    return f"{text} or null" if _optional(hint) else text
+
+
+def _flag_values(arguments: Sequence[str]) -> dict[str, str]:
+    """The last value each ``--key=value`` / ``--key value`` gives: what an error message quotes."""
+    values = {}
+    for i, arg in enumerate(arguments):
+        if arg.startswith("--") and "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            values[key] = value
+        elif arg.startswith("--") and i + 1 < len(arguments) and not arguments[i + 1].startswith("--"):
+            values[arg[2:]] = arguments[i + 1]
+    return values
+
+
+def _parse_error(err: ArgumentError, parser: ArgumentParser, given: dict[str, Any] | None = None) -> ConfigError:
+    """The parser's complaint as a ConfigError that names the key and what it takes."""
+    message = str(err)
+    valid = [a.dest for a in parser._actions if a.dest in _hints()]
+    if message.lower().startswith("unrecognized arguments:"):
+        first = message.split(":", 1)[1].split()[0]
+        if first.startswith("--") and len(first) > 2:
+            return _unknown_key_error(first[2:].split("=", 1)[0], "the command-line flags", valid)
+        return ConfigError(f"unexpected argument {first!r}: options are --key=value with a config key")
+    key = message.split('"')[1] if message.startswith('Parser key "') else None
+    if key not in _hints():
+        return ConfigError(message)
+    got = f" (got {given[key]!r})" if given and key in given else ""
+    return ConfigError(f"{key} must be {_expected(_hints()[key])}{got}")
+
+
+# ------------------------------------------------------------------------------------------ entry points
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}. Pass an existing YAML file, e.g. configs/bilstm.yaml")
+    try:
+        loaded = _load_yaml(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of key: value, not {type(loaded).__name__}")
+    for key in loaded:
+        if key not in config_keys():
+            raise _unknown_key_error(str(key), str(path))
+    return loaded
 
 
 def build_config(config_path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Build the config from an optional YAML file, then ``overrides`` (flags) on top; validate everything."""
+    """Build the config from an optional YAML file, then ``overrides`` (flags) on top; validate everything:
+    key names, types (through the command-line parser) and ranges."""
     values: dict[str, Any] = {}
     if config_path is not None:
-        path = Path(config_path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}. Pass an existing YAML file, e.g. configs/bilstm.yaml")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of key: value, not {type(loaded).__name__}")
-        for key in loaded:
-            if key not in config_keys():
-                raise _unknown_key_error(key, str(path))
-        values.update(loaded)
+        values.update(_read_config_file(Path(config_path)))
     for key in overrides or {}:
         if key not in config_keys():
             raise _unknown_key_error(key, "the command-line flags")
-    values.update(overrides or {})
-    hints = typing.get_type_hints(TrainConfig)
-    coerced = {key: _coerce(key, value, hints[key]) for key, value in values.items()}
-    return TrainConfig(**coerced)
+    values.update(_normalize(dict(overrides or {})))
+    parser = _default_parser()
+    try:
+        namespace = parser.parse_object(values)
+    except ArgumentError as err:
+        raise _parse_error(err, parser, values) from None
+    return TrainConfig(**{key: namespace[key] for key in config_keys()})
 
 
-def parse_command_line(arguments: list[str]) -> tuple[str | None, dict[str, Any]]:
-    """``--config FILE`` (or ``--config=FILE``) and the ``--key=value`` overrides of a trainer command line."""
-    config_path = None
-    rest: list[str] = []
-    i = 0
-    while i < len(arguments):
-        if arguments[i] == "--config" and i + 1 < len(arguments):
-            config_path = arguments[i + 1]
-            i += 2
-            continue
-        if arguments[i].startswith("--config="):
-            config_path = arguments[i].split("=", 1)[1]
-        else:
-            rest.append(arguments[i])
-        i += 1
-    return config_path, parse_overrides(rest)
+def parse_command_line(
+    arguments: Sequence[str], parser: ArgumentParser | None = None
+) -> tuple[str | None, dict[str, Any]]:
+    """Parse a trainer command line: ``--config FILE`` and ``--key=value`` / ``--key value`` / bare ``--flag``
+    options. Returns the config path (or None) and the options given, type-checked; ``build_config`` puts them
+    on top of the file. ``parser`` defaults to the trainer's (``config_parser()``); ``--help`` prints it and
+    exits."""
+    parser = parser or _default_parser()
+    try:
+        namespace = parser.parse_args(list(arguments), defaults=False)
+    except ArgumentError as err:
+        raise _parse_error(err, parser, _flag_values(arguments)) from None
+    values = namespace.as_dict()
+    return values.pop("config", None), values

@@ -20,6 +20,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from datasets import ClassLabel, DatasetDict, Features, Value
 
+from sentiment.prepare import TEST_IN_FILE_ORDER, sample_rows
+
 logger = logging.getLogger(__name__)
 
 LABEL_NAMES = ["neg", "pos"]
@@ -52,8 +54,19 @@ def _read_review(path: Path) -> str:
         ) from None
 
 
+def _review_order(path: Path) -> tuple[int, int, str]:
+    """Sort key of an aclImdb review file ``<id>_<rating>.txt``: by its numeric id, the hub copy's order within a
+    label (``0_3.txt``, ``1_1.txt``, ``2_1.txt``, ..., ``10000_4.txt``), not the string order of the names; files
+    named otherwise come after, by name."""
+    match = re.fullmatch(r"(\d+)_\d+", path.stem)
+    return (0, int(match.group(1)), path.name) if match else (1, 0, path.name)
+
+
 def _load_aclimdb(root: Path, cache_dir: str | None) -> DatasetDict:
-    """Read Stanford's aclImdb layout once into parquet under the datasets cache, then load it memory-mapped."""
+    """Read Stanford's aclImdb layout once into parquet under the datasets cache, then load it memory-mapped.
+
+    Each split holds the ``neg/`` reviews, then the ``pos/`` ones, each by review id (``_review_order``): the
+    hub copy's order, so both give the same splits for the same ``split_seed``."""
     splits: dict[str, list[tuple[Path, int]]] = {}
     for split in ("train", "test"):
         files: list[tuple[Path, int]] = []
@@ -64,14 +77,14 @@ def _load_aclimdb(root: Path, cache_dir: str | None) -> DatasetDict:
                     f"aclImdb folder {root} has no {split}/{name}/ folder; it needs train/ and test/ "
                     "each with pos/ and neg/ folders of .txt reviews"
                 )
-            files += [(p, label) for p in sorted(folder.glob("*.txt"))]
+            files += [(p, label) for p in sorted(folder.glob("*.txt"), key=_review_order)]
         if not files:
             raise DataError(f"aclImdb folder {root}/{split} holds no .txt reviews")
         splits[split] = files
     if (root / "train" / "unsup").is_dir():
-        splits["unsupervised"] = [(p, -1) for p in sorted((root / "train" / "unsup").glob("*.txt"))]
+        splits["unsupervised"] = [(p, -1) for p in sorted((root / "train" / "unsup").glob("*.txt"), key=_review_order)]
 
-    digest = hashlib.sha256(str(root.resolve()).encode())
+    digest = hashlib.sha256(f"{root.resolve()}|review id order".encode())
     for split, files in splits.items():
         for path, label in files:
             stat = path.stat()
@@ -215,7 +228,8 @@ def split_imdb(
     reviews are mostly of movies that training never sees - like the test set's, which are disjoint from train's -
     while a random carve shares movies with training and overestimates test accuracy
     (``scripts/validation_split_gap.py``).
-    ``max_train_samples`` / ``max_eval_samples`` keep the first N of each (already shuffled) split.
+    ``max_train_samples`` / ``max_eval_samples`` keep the first N of each shuffled split (``sample_rows``; the
+    test file of ``standard`` and ``movie_blocks`` is shuffled with ``seed`` first).
     """
     if scheme in ("standard", "movie_blocks"):
         if scheme == "standard":
@@ -228,18 +242,20 @@ def split_imdb(
                 validation=raw["train"].select(np.flatnonzero(is_valid)).shuffle(seed=seed),
                 test=raw["test"],
             )
-        if max_eval_samples is not None:
-            splits["test"] = splits["test"].shuffle(seed=seed)
     elif scheme == "seed":
         parts = raw["test"].train_test_split(test_size=valid_fraction, stratify_by_column="label", seed=seed)
         splits = DatasetDict(train=raw["train"].shuffle(seed=seed), validation=parts["test"], test=parts["train"])
     else:
         raise DataError(f"split_scheme must be 'standard', 'movie_blocks' or 'seed' (got {scheme!r})")
-    if max_train_samples is not None:
-        splits["train"] = splits["train"].select(range(min(max_train_samples, len(splits["train"]))))
-    if max_eval_samples is not None:
-        for split in ("validation", "test"):
-            splits[split] = splits[split].select(range(min(max_eval_samples, len(splits[split]))))
+    kept = sample_rows(
+        {name: len(ds) for name, ds in splits.items()},
+        seed=seed,
+        max_train_samples=max_train_samples,
+        max_eval_samples=max_eval_samples,
+        test_in_file_order=scheme in TEST_IN_FILE_ORDER,
+    )
+    for name, rows in kept.items():
+        splits[name] = splits[name].select(rows)
     return splits
 
 

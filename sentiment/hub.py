@@ -55,7 +55,7 @@ A {{ kind_long }} that classifies the sentiment of English movie reviews (positi
 [IMDB](https://huggingface.co/datasets/{{ dataset_id }}) with `sentiment-lstm`.
 
 A review is split into words by spaCy (`spacy.blank("en")`), mapped to ids by the WordLevel vocabulary in
-`tokenizer.json`, embedded, and read by the {{ kind }}. The final hidden state{{ both_directions }}
+`tokenizer.json`, embedded, and read by the {{ kind }}. {{ features }}
 goes through dropout and a linear layer to one logit: `sigmoid(logit)` is the probability that the review is positive.
 
 | | |
@@ -77,7 +77,7 @@ print(clf(["A wonderful film."]))  # [{'label': 'pos' or 'neg', 'score': probabi
 {% if config_table %}
 ## Training
 
-Trained with `sentiment train` (Adam, binary cross-entropy on the logit), keeping the epoch with the best
+Trained with `sentiment train` ({{ optimizer }}, binary cross-entropy on the logit), keeping the epoch with the best
 validation accuracy. The run's config (`config.yaml`; the run-management keys `output_dir`, `overwrite` and `resume`
 left out):
 
@@ -176,7 +176,8 @@ def write_model_card(
         dataset_id=DATASET_ID,
         kind="BiLSTM" if bidirectional else "LSTM",
         kind_long="bidirectional LSTM (BiLSTM)" if bidirectional else "LSTM",
-        both_directions=" of both directions" if bidirectional else "",
+        features=_features(_pooling(model_config, train_config), bidirectional),
+        optimizer=_optimizer(train_config) if train_config else "",
         model_table=_model_table(model_config, train_config, checkpoint / "model.safetensors"),
         model_ref=json.dumps(repo_id or str(checkpoint)),
         config_table=_config_table(train_config) if train_config else "",
@@ -244,6 +245,35 @@ def _embedding_init(train_config: dict[str, Any] | None) -> str:
     return text + (", frozen during training" if frozen else ", fine-tuned during training")
 
 
+def _pooling(model_config: dict[str, Any], train_config: dict[str, Any] | None) -> str:
+    """The checkpoint's pooling (its ``config.json``; else the run's config; else ``last``, the only one once)."""
+    return str(model_config.get("pooling") or (train_config or {}).get("pooling") or "last")
+
+
+def _features(pooling: str, bidirectional: bool) -> str:
+    """What the classifier layer reads, as the card's sentence subject, for ``pooling``."""
+    outputs = "the top layer's outputs" + (" (both directions)" if bidirectional else "")
+    if pooling == "max":
+        return f"The element-wise maximum of {outputs} over the review's words"
+    if pooling == "mean":
+        return f"The mean of {outputs} over the review's words"
+    if pooling == "concat":
+        final = "the final hidden state" + (" of both directions" if bidirectional else "")
+        return (
+            f"The concatenation of {final} and the element-wise maximum and the mean of {outputs} over the "
+            "review's words"
+        )
+    return "The final hidden state" + (" of both directions" if bidirectional else "")
+
+
+def _optimizer(train_config: dict[str, Any]) -> str:
+    """The run's optimizer as the card names it, with its weight decay when there is one."""
+    optimizer = str(train_config.get("optimizer") or "adam")
+    name = {"adam": "Adam", "adamw": "AdamW"}.get(optimizer, optimizer)
+    decay = train_config.get("weight_decay") or 0
+    return f"{name}, weight decay {decay}" if decay else name
+
+
 def _model_table(model_config: dict[str, Any], train_config: dict[str, Any] | None, weights: Path) -> str:
     bidirectional = bool(model_config.get("bidirectional", False))
     layers = model_config.get("n_layers", 1)
@@ -253,6 +283,7 @@ def _model_table(model_config: dict[str, Any], train_config: dict[str, Any] | No
         ("embedding dimension", f"{model_config.get('embedding_dim')}"),
         ("vocabulary", f"{model_config.get('vocab_size')} words (including `<unk>` and `<pad>`)"),
         ("embedding", _embedding_init(train_config)),
+        ("pooling", f"`{_pooling(model_config, train_config)}`"),
         ("dropout", f"{model_config.get('dropout')}"),
         ("lowercase", f"{json.dumps(bool(model_config.get('lowercase', False)))}"),
         ("max length", f"{model_config.get('max_length') or 'none (full reviews)'}"),

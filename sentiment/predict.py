@@ -265,35 +265,51 @@ def classification_metrics(logits: np.ndarray, labels: Sequence[int]) -> dict[st
     }
 
 
+class ReviewFileError(ValueError):
+    """A file of reviews to score (or of predictions to write) cannot be used; the message names the file, the
+    line where there is one, and the fix."""
+
+
 def read_texts(path: str | Path) -> list[str]:
     """Reviews from a ``.txt`` (one per line), ``.jsonl`` (a ``text`` field per line) or ``.csv`` (a ``text``
-    column) file."""
+    column) file, UTF-8; a missing or malformed file is a ``ReviewFileError``."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"input file not found: {path}")
+        raise ReviewFileError(f"input file not found: {path}")
     suffix = path.suffix.lower()
-    if suffix == ".txt":
-        return path.read_text(encoding="utf-8").splitlines()
-    if suffix == ".jsonl":
-        texts = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path} line {number} is not JSON: {err.msg}") from None
-            if not isinstance(record, dict) or "text" not in record:
-                raise ValueError(f'{path} line {number}: each line must be an object with a "text" field')
-            texts.append(str(record["text"] or ""))
-        return texts
-    if suffix == ".csv":
+    if suffix not in (".txt", ".jsonl", ".csv"):
+        raise ReviewFileError(f"input {path} must end in .txt, .jsonl or .csv")
+    try:
+        if suffix == ".txt":
+            return path.read_text(encoding="utf-8").splitlines()
+        if suffix == ".jsonl":
+            return _read_jsonl_texts(path)
         with open(path, newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
             if not reader.fieldnames or "text" not in reader.fieldnames:
-                raise ValueError(f"{path} needs a 'text' column (found {reader.fieldnames})")
+                raise ReviewFileError(f"{path} needs a 'text' column (found {reader.fieldnames})")
             return [row["text"] or "" for row in reader]
-    raise ValueError(f"input {path} must end in .txt, .jsonl or .csv")
+    except UnicodeDecodeError as err:
+        raise ReviewFileError(
+            f"{path} is not valid UTF-8 ({err.reason} at byte {err.start}): save it as UTF-8 and score it again"
+        ) from None
+
+
+def _read_jsonl_texts(path: Path) -> list[str]:
+    example = json.dumps({"text": "A wonderful film."})
+    texts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        fix = f'fix line {number} of {path}: each line must be a JSON object with a "text" field, e.g. {example}'
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ReviewFileError(f"{path} line {number} is not JSON ({err.msg}: column {err.colno}); {fix}") from None
+        if not isinstance(record, dict) or "text" not in record:
+            raise ReviewFileError(f'{path} line {number} has no "text" field; {fix}')
+        texts.append(str(record["text"] or ""))
+    return texts
 
 
 def write_predictions(path: str | Path, texts: Sequence[str], predictions: Sequence[dict[str, Any]]) -> Path:
@@ -301,7 +317,7 @@ def write_predictions(path: str | Path, texts: Sequence[str], predictions: Seque
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".csv"):
-        raise ValueError(f"output {path} must end in .jsonl or .csv")
+        raise ReviewFileError(f"output {path} must end in .jsonl or .csv")
     tmp = path.with_name(f".{path.name}.tmp")
     rows = [{"text": text, **prediction} for text, prediction in zip(texts, predictions, strict=True)]
     with open(tmp, "w", newline="", encoding="utf-8") as handle:

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer
 
 from sentiment.batching import EncodedSplit
-from sentiment.config import DATA_KEYS, TrainConfig
+from sentiment.config import DATA_KEYS, ConfigError, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,49 @@ FORMAT_VERSION = 1
 
 class PreparedDataError(ValueError):
     """A prepared folder is missing or incomplete; the message names the problem and the fix."""
+
+
+# The schemes whose test split is IMDB's test file as it stands (in file order, not shuffled).
+TEST_IN_FILE_ORDER = ("standard", "movie_blocks")
+
+
+def sample_rows(
+    sizes: Mapping[str, int],
+    seed: int,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    test_in_file_order: bool = False,
+) -> dict[str, np.ndarray]:
+    """The rows that ``max_train_samples`` / ``max_eval_samples`` keep of the splits ``split_imdb`` made, in order.
+
+    ``sizes`` gives the rows of each split (``train``, ``validation``, ``test``). Train and validation, already
+    shuffled, keep their first N rows; so does test, unless ``test_in_file_order`` (it is IMDB's test file, sorted
+    by label): then it keeps the first N of its ``seed``-shuffled order (``Dataset.shuffle(seed=seed)``'s
+    permutation). Splits without a cap are left out of the result. ``split_imdb`` and a prepared folder
+    (``PreparedData.resolve``) both cut through this, so both keep the same reviews for the same seed; it lives
+    here, beside the folder's reader, so that training from a prepared folder needs no ``datasets``.
+    """
+    kept: dict[str, np.ndarray] = {}
+    if max_train_samples is not None:
+        kept["train"] = np.arange(min(max_train_samples, sizes["train"]))
+    if max_eval_samples is not None:
+        for split in ("validation", "test"):
+            if split == "test" and test_in_file_order:
+                order = np.random.default_rng(seed).permutation(sizes[split])
+            else:
+                order = np.arange(sizes[split])
+            kept[split] = order[:max_eval_samples]
+    return kept
+
+
+def take_rows(split: EncodedSplit, rows: np.ndarray) -> EncodedSplit:
+    """The reviews ``rows`` of ``split``, in that order."""
+    rows = np.asarray(rows, dtype=np.int64)
+    lengths = split.lengths[rows]
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    positions = np.repeat(split.offsets[rows] - offsets[:-1], lengths) + np.arange(offsets[-1])
+    return EncodedSplit(split.token_ids[positions], offsets, split.labels[rows])
 
 
 @dataclass
@@ -71,26 +115,38 @@ class PreparedData:
 
     @classmethod
     def load(cls, folder: str | Path) -> PreparedData:
-        """Read a folder written by ``save``."""
+        """Read a folder written by ``save``; a missing or damaged file is a ``PreparedDataError`` that names it
+        and the ``sentiment prepare`` command that writes the folder again."""
         folder = Path(folder)
         if not (folder / MANIFEST).is_file():
             raise PreparedDataError(
                 f"{folder} is not a prepared data folder (no {MANIFEST}). Create one with "
                 f"`sentiment prepare --config CONFIG --output_dir {folder}`"
             )
-        info = json.loads((folder / MANIFEST).read_text())
+        info = _read_prepared_file(folder / MANIFEST, {}, lambda path: json.loads(path.read_text()))
+        if not isinstance(info, dict):
+            raise _damaged(folder / MANIFEST, {}, f"it holds a {type(info).__name__}, not a JSON object")
         missing = [f"{s}.parquet" for s in SPLITS if not (folder / f"{s}.parquet").is_file()]
         if not (folder / "tokenizer.json").is_file():
             missing.append("tokenizer.json")
         if missing:
             raise PreparedDataError(
-                f"prepared folder {folder} lacks {', '.join(missing)}; run `sentiment prepare` again"
+                f"prepared folder {folder} lacks {', '.join(missing)}; prepare it again: "
+                f"{prepare_command(info, folder)}"
             )
         names = [*SPLITS, *(["unsupervised"] if (folder / "unsupervised.parquet").is_file() else [])]
-        splits = {s: EncodedSplit.from_arrow(pq.read_table(folder / f"{s}.parquet")) for s in names}
+        splits = {
+            s: _read_prepared_file(
+                folder / f"{s}.parquet", info, lambda path: EncodedSplit.from_arrow(pq.read_table(path))
+            )
+            for s in names
+        }
         embeddings_path = folder / "embeddings.safetensors"
-        embeddings = load_file(embeddings_path)["embeddings"] if embeddings_path.is_file() else None
-        return cls(splits, Tokenizer.from_file(str(folder / "tokenizer.json")), embeddings, info)
+        embeddings = None
+        if embeddings_path.is_file():
+            embeddings = _read_prepared_file(embeddings_path, info, lambda path: load_file(path)["embeddings"])
+        tokenizer = _read_prepared_file(folder / "tokenizer.json", info, lambda path: Tokenizer.from_file(str(path)))
+        return cls(splits, tokenizer, embeddings, info)
 
     def data_config(self) -> dict[str, Any]:
         """The data keys of the config this data was prepared with."""
@@ -99,15 +155,134 @@ class PreparedData:
     def resolve(self, cfg: TrainConfig) -> tuple[TrainConfig, np.ndarray | None]:
         """``cfg`` with the data keys this data was prepared with, and the embedding matrix to start from.
 
+        A prepared folder fixes the data keys (``DATA_KEYS``): a key that ``cfg`` sets to neither the folder's value
+        nor the default is a ``ConfigError`` naming it and the fix (``dataset`` excepted: it only says where the
+        raw reviews were read). ``max_train_samples`` / ``max_eval_samples`` cut the splits here, in place, as
+        ``split_imdb`` cuts raw data (``sample_rows``: the same reviews for the same ``split_seed``), unless the
+        folder holds fewer reviews than asked because it was prepared with a smaller cut (a ``ConfigError``).
         Vectors only initialise the embedding, so ``vectors: none`` also runs on data prepared with vectors:
-        the same token ids, an embedding of the config's ``embedding_dim`` started at random.
+        the same token ids, an embedding of the config's ``embedding_dim`` started at random. On data prepared
+        without vectors, ``embedding_dim`` is the config's when it sets one; with vectors, the vectors' dimension.
         """
+        folder = cfg.prepared or "the prepared data"
+        _check_data_keys(self, cfg, folder)
         keys = self.data_config()
         embeddings = self.embeddings
         if cfg.vectors.lower() == "none" and embeddings is not None:
             keys.update(vectors="none", embedding_dim=cfg.embedding_dim)
             embeddings = None
+        elif embeddings is None and cfg.embedding_dim != _DEFAULTS["embedding_dim"]:
+            keys.update(embedding_dim=cfg.embedding_dim)
+        self._cut(cfg, folder)
+        keys.update({key: self.info[key] for key in ("max_train_samples", "max_eval_samples") if key in self.info})
         return dataclasses.replace(cfg, **keys), embeddings
+
+    def _cut(self, cfg: TrainConfig, folder: str) -> None:
+        """Apply ``cfg``'s ``max_train_samples`` / ``max_eval_samples`` to the splits and record them in ``info``."""
+        asked = {"max_train_samples": cfg.max_train_samples, "max_eval_samples": cfg.max_eval_samples}
+        cut_splits = {"max_train_samples": ("train",), "max_eval_samples": ("validation", "test")}
+        for key, value in list(asked.items()):
+            held = self.info.get(key)
+            if value is None or value == held:
+                asked[key] = None  # nothing to cut: the folder holds what is asked
+                continue
+            short = [s for s in cut_splits[key] if held is not None and value > held and len(self.splits[s]) >= held]
+            if short:
+                counts = ", ".join(f"{s}: {len(self.splits[s])} reviews" for s in short)
+                raise ConfigError(
+                    f"{key}={value} asks for more reviews than {folder} holds: it was prepared with {key}={held} "
+                    f"({counts}). Pass --{key} of at most {held}, or prepare a folder with more: "
+                    f"{prepare_command({**self.info, key: value}, 'NEW_DIR')}"
+                )
+        if asked["max_train_samples"] is None and asked["max_eval_samples"] is None:
+            return
+        scheme = self.info.get("split_scheme", cfg.split_scheme)
+        kept = sample_rows(
+            {name: len(split) for name, split in self.splits.items()},
+            seed=self.info.get("split_seed", cfg.split_seed),
+            max_train_samples=asked["max_train_samples"],
+            max_eval_samples=asked["max_eval_samples"],
+            test_in_file_order=scheme in TEST_IN_FILE_ORDER and self.info.get("max_eval_samples") is None,
+        )
+        for name, rows in kept.items():
+            self.splits[name] = take_rows(self.splits[name], rows)
+        self.info.update({key: value for key, value in asked.items() if value is not None})
+        self.info["sizes"] = {name: len(split) for name, split in self.splits.items()}
+        for name in kept:
+            split = self.splits[name]
+            self.info.setdefault("positive_fraction", {})[name] = float(split.labels.mean()) if len(split) else 0.0
+            self.info.setdefault("tokens", {})[name] = int(split.lengths.sum())
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+# Data keys a run may set with --prepared: where the raw data was (``dataset``), the cuts (applied to the folder's
+# splits) and the embedding size (the vectors' dimension, or the config's for a random embedding).
+_KEYS_A_RUN_SETS = ("dataset", "max_train_samples", "max_eval_samples", "embedding_dim")
+
+
+def _check_data_keys(data: PreparedData, cfg: TrainConfig, folder: str) -> None:
+    """Raise a ``ConfigError`` naming the data keys ``cfg`` sets otherwise than the folder was prepared with."""
+    prepared = data.data_config()
+    uses_vectors = cfg.vectors.lower() != "none" and data.embeddings is not None
+    conflicts = {}
+    for key, there in prepared.items():
+        here = getattr(cfg, key)
+        if key in _KEYS_A_RUN_SETS or here == there or here == _DEFAULTS[key]:
+            continue
+        if key == "vectors" and str(here).lower() == "none":
+            continue  # a random embedding over the folder's token ids
+        if key == "oov_init" and not uses_vectors:
+            continue  # no vectors: nothing to initialise
+        conflicts[key] = (there, here)
+    if not conflicts:
+        return
+    listed = "; ".join(
+        f"{key}: {_flag_value(there)} there, {_flag_value(here)} here" for key, (there, here) in conflicts.items()
+    )
+    wanted = {**data.info, **{key: here for key, (_, here) in conflicts.items()}}
+    raise ConfigError(
+        f"{folder} was prepared with other data settings than this run asks for ({listed}). A prepared folder fixes "
+        f"them: drop {', '.join(conflicts)} from the config and the flags to train on the folder as it is, or "
+        f"prepare a folder with them and pass it as --prepared: {prepare_command(wanted, 'NEW_DIR')}"
+    )
+
+
+def _flag_value(value: Any) -> str:
+    return json.dumps(value) if value is None or isinstance(value, bool) else str(value)
+
+
+def prepare_command(info: Mapping[str, Any], folder: str | Path) -> str:
+    """The ``sentiment prepare`` command that writes a folder with the data settings in ``info`` (a manifest)."""
+    flags = []
+    for key in DATA_KEYS:
+        if key not in info or info[key] == _DEFAULTS[key]:
+            continue
+        if key == "embedding_dim" and str(info.get("vectors", _DEFAULTS["vectors"])).lower() != "none":
+            continue  # the vectors' dimension
+        if key == "valid_fraction" and info[key] == (0.3 if info.get("split_scheme") == "seed" else 0.1):
+            continue  # the split scheme's own fraction (TrainConfig.validation_fraction)
+        flags.append(f"--{key}={_flag_value(info[key])}")
+    return f"`sentiment prepare {' '.join([*flags, f'--output_dir {folder}'])}`"
+
+
+def _damaged(path: Path, info: Mapping[str, Any], reason: str) -> PreparedDataError:
+    command = (
+        prepare_command(info, path.parent)
+        if info
+        else f"`sentiment prepare --config CONFIG --output_dir {path.parent}` with the config it was made with"
+    )
+    return PreparedDataError(f"{path} is damaged or incomplete ({reason}). Prepare the folder again: {command}")
+
+
+def _read_prepared_file(path: Path, info: Mapping[str, Any], read: Callable[[Path], Any]) -> Any:
+    """``read(path)``, or a ``PreparedDataError`` naming ``path`` and the fix when the file cannot be read."""
+    try:
+        return read(path)
+    except Exception as err:  # pyarrow, safetensors, tokenizers and json each raise their own types
+        text = str(err).replace(f" '{path}'", "").replace(str(path), "the file")
+        if len(text) > 200:
+            text = text[:200].rsplit(" ", 1)[0] + " ..."
+        raise _damaged(path, info, f"{type(err).__name__}: {text}") from None
 
 
 def prepare_data(cfg: TrainConfig, cache_dir: str | None = None) -> PreparedData:

@@ -154,6 +154,7 @@ def pretrain(cfg: TrainConfig) -> dict[str, Any]:
     """Pretrain the language model of ``cfg`` (embedding and LSTM sizes, ``bptt``, epochs, lr, ...) and return
     its metrics (also in ``output_dir/metrics.json``): per-epoch train and validation loss and perplexity, and
     tokens per second."""
+    cfg = cfg.resolve_mixed_precision()  # null: the launcher's choice; config.yaml records the one that ran
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     try:
         return _pretrain(accelerator, cfg)

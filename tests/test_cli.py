@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--epochs=2", "--batch_size=8", "--eval_batch_size=16", "--hidden_dim=12", "--report_to=none", "--num_proc=1"]
@@ -125,10 +126,170 @@ def test_missing_dataset_exits_with_a_clear_message(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_help_lists_commands_and_keys() -> None:
+def test_help_lists_the_commands() -> None:
+    """`sentiment --help` lists every command and says how to get a command's options."""
+    from sentiment.cli import COMMANDS
+
     result = sentiment("--help")
-    assert "prepare" in result.stdout and "train" in result.stdout
-    assert "max_train_samples" in result.stdout
+    for command in COMMANDS:
+        assert f"\n  {command} " in result.stdout
+    assert "sentiment COMMAND --help" in result.stdout
+
+
+GROUP_HEADINGS = ("data:", "model:", "training:", "language model:", "output and tracking:")
+
+
+def assert_trainer_help(text: str) -> None:
+    """The trainer's ``--help``: the config keys in their groups, each with its help and default."""
+    flat = " ".join(text.split())  # lines are wrapped at the terminal's width
+    for heading in GROUP_HEADINGS:
+        assert f"\n{heading}\n" in text
+    assert "--config FILE" in flat
+    assert "--hidden_dim INT LSTM hidden size per direction (default: 100)" in flat
+    assert "--resume [BOOL] continue the run in output_dir (default: false)" in flat
+    assert "--mixed_precision {no,fp16,bf16}|null" in flat
+
+
+def test_sentiment_train_help() -> None:
+    """`sentiment train --help` exits 0 and lists the config keys in groups (it used to be an unknown key)."""
+    result = sentiment("train", "--help")
+    assert result.stdout.startswith("usage: sentiment train [--config FILE] [--KEY=VALUE ...]")
+    assert_trainer_help(result.stdout)
+    assert result.stderr == ""
+
+
+def test_scripts_train_help() -> None:
+    """`python scripts/train.py --help` (what `accelerate launch` runs) prints the same options under its name."""
+    result = run([sys.executable, str(REPO / "scripts" / "train.py"), "--help"])
+    assert "usage: " in result.stdout and "train.py [--config FILE]" in result.stdout
+    assert_trainer_help(result.stdout)
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        ("train", ["--hidden_dim INT LSTM hidden size per direction (default: 100)"]),
+        ("prepare", ["--output_dir STR|null", "--prepared STR|null", "--max_vocab_size INT"]),
+        ("pretrain", ["--bptt INT language model's window in tokens (pretrain) (default: 70)", "--init_from STR|null"]),
+        (
+            "sweep",
+            [
+                "SWEEP.yaml",
+                "--count N",
+                "--workers N",
+                "--gpus N",
+                "--storage URL",
+                "--sweep_dir DIR",
+                "--sampler_seed N seed of the Optuna sampler (default: 0)",
+                "--stop_after SECONDS",
+            ],
+        ),
+        ("report", ["SWEEP_DIR", "--storage URL"]),
+        ("predict", ["--model PATH_OR_ID", "--input FILE", "--output FILE", "--batch_size N", "--device D"]),
+        (
+            "evaluate",
+            [
+                "--model PATH_OR_ID",
+                "--split {test,validation,train} split to score (default: test)",
+                "--output",
+                "--logits",
+                "--device D",
+                "data:",
+                "--dataset STR",
+                "--split_scheme",
+                "--max_eval_samples INT|null",
+            ],
+        ),
+        ("push", ["--repo_id USER/NAME", "--private", "--revision BRANCH", "--commit_message MSG"]),
+    ],
+)
+def test_every_command_answers_help(
+    command: str, expected: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:  # fmt: skip
+    """`sentiment COMMAND --help` exits 0 and describes the command's options (none needs --model or a file)."""
+    from sentiment.cli import main
+
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: sentiment {command}")
+    flat = " ".join(out.split())
+    for text in expected:
+        assert text in flat, text
+    if command in ("train", "prepare", "pretrain"):
+        assert_trainer_help(out)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--epochs=abc"], "error: epochs must be an integer (got 'abc')"),
+        (["--pooling=attention"], "error: pooling must be one of 'last', 'max', 'mean', 'concat' (got 'attention')"),
+        (["--resume=maybe"], "error: resume must be true or false (got 'maybe')"),
+        (["--hiden_dim", "5"], "Did you mean 'hidden_dim'?"),
+    ],
+)
+def test_bad_flags_exit_2_with_the_message(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad value or key stops before any work: exit code 2, the problem on stderr, no traceback."""
+    from sentiment.cli import main
+
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["sweep"], "the following arguments are required: SWEEP.yaml"),
+        (["sweep", "--dataset", "x", "s.yaml"], "give the sweep file first"),
+        (["sweep", "s.yaml", "--count", "many"], "argument --count: invalid int value: 'many'"),
+        (["report"], "the following arguments are required: SWEEP_DIR"),
+        (["predict", "good"], "needs --model"),
+        (["evaluate", "--model", "m", "--split", "dev"], "invalid choice: 'dev'"),
+        (["evaluate", "--model", "m", "--hidden_dim=3"], "unknown config key 'hidden_dim'"),
+        (["push", "runs/x"], "needs --repo_id"),
+    ],
+)
+def test_command_usage_errors_exit_2(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The commands' own parsers: a usage error is exit code 2 with the problem, no traceback."""
+    from sentiment.cli import main
+
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def run_config(output_dir: Path) -> dict:
+    return yaml.safe_load((output_dir / "config.yaml").read_text())
+
+
+def test_the_launchers_mixed_precision_applies_unless_the_config_sets_it(
+    hub_imdb: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`accelerate launch --mixed_precision bf16` sets ACCELERATE_MIXED_PRECISION: a config without the key runs
+    (and records) bf16; --mixed_precision=no, or the key in the config file, wins over the launcher."""
+    from sentiment.cli import main
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    tiny = [*TINY, "--epochs=1", "--dataset", str(hub_imdb)]
+    assert main(["train", *tiny, f"--output_dir={tmp_path / 'launcher'}"]) == 0
+    assert run_config(tmp_path / "launcher")["mixed_precision"] == "bf16"
+    assert main(["train", *tiny, "--mixed_precision=no", f"--output_dir={tmp_path / 'flag'}"]) == 0
+    assert run_config(tmp_path / "flag")["mixed_precision"] == "no"
+    config = tmp_path / "no.yaml"
+    config.write_text("mixed_precision: no\n")
+    assert main(["train", "--config", str(config), *tiny, f"--output_dir={tmp_path / 'file'}"]) == 0
+    assert run_config(tmp_path / "file")["mixed_precision"] == "no"
+
+
+def test_accelerate_launch_mixed_precision_reaches_the_trainer(hub_imdb: Path, tmp_path: Path) -> None:
+    """`accelerate launch --mixed_precision bf16 scripts/train.py --config configs/bilstm.yaml` runs in bf16."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    launcher += [str(REPO / "configs" / "accelerate" / "cpu.yaml"), "--mixed_precision", "bf16"]
+    args = ["--config", str(REPO / "configs" / "bilstm.yaml"), "--dataset", str(hub_imdb), *TINY, "--epochs=1"]
+    run([*launcher, str(REPO / "scripts" / "train.py"), *args, f"--output_dir={tmp_path / 'run'}"],
+        env={"ACCELERATE_USE_CPU": "true"})  # fmt: skip
+    assert run_config(tmp_path / "run")["mixed_precision"] == "bf16"
 
 
 @pytest.mark.parametrize("name", ["cpu.yaml", "single_gpu.yaml", "multi_gpu.yaml", "multi_node.yaml"])

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections import Counter
 from pathlib import Path
 
 import datasets
 import huggingface_hub.constants
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from conftest import make_split
 from datasets import ClassLabel, Dataset, DatasetDict
 
 import sentiment.data
+from sentiment.config import ConfigError, build_config
 from sentiment.data import FEATURES, DataError, load_imdb, split_imdb
+from sentiment.prepare import PreparedData, prepare_data
 
 
 def write_hub(root: Path, tables: dict[str, pa.Table]) -> Path:
@@ -385,3 +390,166 @@ def test_corrupt_parquet_file_is_named(tmp_path: Path) -> None:
     broken.write_bytes(broken.read_bytes()[:-20])  # truncated: the footer is gone
     with pytest.raises(DataError, match=r"test-00000-of-00001\.parquet is not a readable parquet file"):
         load_imdb(str(root))
+
+
+def test_max_eval_samples_keeps_the_seeded_shuffle_of_the_test_file(hub_raw: DatasetDict) -> None:
+    """Under standard and movie_blocks the test split is the test file; max_eval_samples keeps the first N of
+    its seed-shuffled order (Dataset.shuffle's permutation), so earlier cut runs keep their reviews."""
+    splits = split_imdb(hub_raw, "standard", seed=7, max_eval_samples=9)
+    assert splits["test"]["text"] == hub_raw["test"].shuffle(seed=7)["text"][:9]
+
+
+# ------------------------------------------------------------------------- aclImdb and hub copy: same splits
+
+
+@pytest.fixture(scope="module")
+def same_reviews_two_layouts(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The same reviews as an aclImdb folder and as a hub-layout copy (neg then pos, each by review id, as the
+    hub orders them). Ids run 0..n-1, so file names sort otherwise as strings (0, 1, 10, 100, 101, ...) than as
+    numbers; train has more than two blocks of MOVIE_BLOCK_ROWS per label, for split_scheme movie_blocks."""
+    root = tmp_path_factory.mktemp("two_layouts")
+    acl, hub = root / "aclImdb", root / "hub"
+    tables = {}
+    for split, per_label, seed in (("train", 2 * sentiment.data.MOVIE_BLOCK_ROWS + 15, 11), ("test", 30, 12)):
+        texts, labels = make_split(2 * per_label, seed)
+        texts = [f"{text} ({split} review {i})" for i, text in enumerate(texts)]  # unique texts
+        rows = []
+        for label, name in enumerate(("neg", "pos")):
+            folder = acl / split / name
+            folder.mkdir(parents=True)
+            own = [text for text, lab in zip(texts, labels, strict=True) if lab == label]
+            for review_id, text in enumerate(own):
+                (folder / f"{review_id}_{7 if label else 3}.txt").write_text(text, encoding="utf-8")
+            rows += [(text, label) for text in own]
+        tables[split] = pa.table(
+            {"text": [t for t, _ in rows], "label": pa.array([lab for _, lab in rows], pa.int64())}
+        )
+    write_hub(hub, tables)
+    names = [p.name for p in sorted((acl / "train" / "neg").glob("*.txt"))]
+    assert names[:4] == ["0_3.txt", "100_3.txt", "101_3.txt", "102_3.txt"]  # string order differs from id order
+    return acl, hub
+
+
+def test_aclimdb_reads_reviews_in_the_hub_order(same_reviews_two_layouts: tuple[Path, Path], tmp_path: Path) -> None:
+    """The aclImdb reader gives each split in the hub copy's order: neg then pos, each by numeric review id."""
+    acl, hub = same_reviews_two_layouts
+    from_acl = load_imdb(str(acl), cache_dir=str(tmp_path))
+    from_hub = load_imdb(str(hub), cache_dir=str(tmp_path))
+    for split in ("train", "test"):
+        assert from_acl[split]["text"] == from_hub[split]["text"], split
+        assert from_acl[split]["label"] == from_hub[split]["label"], split
+    first_pos = from_acl["train"]["label"].index(1)
+    assert from_acl["train"]["text"][1] == (acl / "train" / "neg" / "1_3.txt").read_text(encoding="utf-8")
+    assert from_acl["train"]["text"][first_pos + 10] == (acl / "train" / "pos" / "10_7.txt").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    ("scheme", "caps"),
+    [
+        ("standard", {}),
+        ("movie_blocks", {}),
+        ("seed", {}),
+        ("standard", {"max_train_samples": 50, "max_eval_samples": 12}),
+    ],
+)
+def test_aclimdb_and_hub_copy_give_the_same_splits(
+    same_reviews_two_layouts: tuple[Path, Path], tmp_path: Path, scheme: str, caps: dict[str, int]
+) -> None:
+    """For a split_seed, the aclImdb folder and a hub-layout copy of the same reviews give identical splits: the
+    same texts in the same order in train, validation and test."""
+    acl, hub = same_reviews_two_layouts
+    valid_fraction = 0.3 if scheme == "seed" else 0.1
+    splits = [
+        split_imdb(load_imdb(str(path), cache_dir=str(tmp_path)), scheme, valid_fraction, seed=5, **caps)
+        for path in (acl, hub)
+    ]
+    for name in ("train", "validation", "test"):
+        assert splits[0][name]["text"] == splits[1][name]["text"], name
+        assert splits[0][name]["label"] == splits[1][name]["label"], name
+
+
+# ---------------------------------------------------------------- cuts of a prepared folder, as of raw data
+
+
+@pytest.fixture(scope="module")
+def full_prepared(same_reviews_two_layouts: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Per split scheme, a prepared folder of the hub-layout copy with no cuts (token ids only, no vectors)."""
+    _, hub = same_reviews_two_layouts
+    root = tmp_path_factory.mktemp("full_prepared")
+    folders = {}
+    for scheme in ("standard", "movie_blocks", "seed"):
+        cfg = build_config(None, {"dataset": str(hub), "split_scheme": scheme, "vectors": "none", "num_proc": 1})
+        folders[scheme] = prepare_data(cfg, cache_dir=str(root / "cache")).save(root / scheme)
+    return folders
+
+
+@pytest.mark.parametrize("scheme", ["standard", "movie_blocks", "seed"])
+@pytest.mark.parametrize(
+    "caps", [{"max_train_samples": 40}, {"max_eval_samples": 11}, {"max_train_samples": 25, "max_eval_samples": 7}]
+)
+def test_prepared_folder_cuts_the_reviews_split_imdb_keeps(
+    same_reviews_two_layouts: tuple[Path, Path], full_prepared: dict, scheme: str, caps: dict[str, int]
+) -> None:
+    """max_train_samples / max_eval_samples on a prepared folder keep the reviews split_imdb keeps from the raw
+    data for the same seed, in the same order; the resolved config and the sizes record the cuts."""
+    _, hub = same_reviews_two_layouts
+    raw = load_imdb(str(hub))
+    valid_fraction = 0.3 if scheme == "seed" else 0.1
+    full = split_imdb(raw, scheme, valid_fraction, seed=42)
+    cut = split_imdb(raw, scheme, valid_fraction, seed=42, **caps)
+    data = PreparedData.load(full_prepared[scheme])
+    whole = {name: split for name, split in data.splits.items()}
+    cfg = build_config(None, {"prepared": str(full_prepared[scheme]), "report_to": "none", **caps})
+    resolved, _ = data.resolve(cfg)
+    for key in ("max_train_samples", "max_eval_samples"):
+        assert getattr(resolved, key) == caps.get(key)
+    for name in ("train", "validation", "test"):
+        position = {text: i for i, text in enumerate(full[name]["text"])}
+        rows = [position[text] for text in cut[name]["text"]]
+        assert len(data.splits[name]) == len(rows) == data.info["sizes"][name]
+        for i, row in enumerate(rows):
+            np.testing.assert_array_equal(data.splits[name][i][0], whole[name][row][0])
+        assert data.splits[name].labels.tolist() == cut[name]["label"]
+    again, _ = data.resolve(cfg)  # resolving twice cuts nothing more
+    assert data.info["sizes"] == {name: len(cut[name]) for name in ("train", "validation", "test")}
+    assert again == resolved
+
+
+def test_prepared_folder_refuses_cuts_and_data_keys_it_cannot_honour(
+    same_reviews_two_layouts: tuple[Path, Path], full_prepared: dict, tmp_path: Path
+) -> None:
+    """A cut larger than a cut folder holds, or a data key set otherwise than the folder was prepared with, is a
+    ConfigError naming the key and the `sentiment prepare` command; keys left at their defaults take the folder's."""
+    folder = full_prepared["standard"]
+    data = PreparedData.load(folder)
+    data.resolve(build_config(None, {"prepared": str(folder), "max_train_samples": 30}))
+    data.save(tmp_path / "cut")  # a folder holding the first 30 training reviews
+    with pytest.raises(ConfigError, match=r"max_train_samples=31 .*max_train_samples=30.*sentiment prepare"):
+        PreparedData.load(tmp_path / "cut").resolve(build_config(None, {"prepared": "x", "max_train_samples": 31}))
+    smaller, _ = PreparedData.load(tmp_path / "cut").resolve(build_config(None, {"max_train_samples": 20}))
+    assert smaller.max_train_samples == 20
+    for key, value, spelt in (("lowercase", True, "true"), ("max_vocab_size", 50, "50"), ("split_seed", 7, "7"),
+                              ("split_scheme", "seed", "seed")):  # fmt: skip
+        with pytest.raises(ConfigError, match=rf"{key}: .* there, {spelt} here.*sentiment prepare .*--{key}={spelt}"):
+            PreparedData.load(folder).resolve(build_config(None, {"prepared": str(folder), key: value}))
+    resolved, _ = PreparedData.load(folder).resolve(
+        build_config(None, {"dataset": "/elsewhere", "max_vocab_size": 20000})
+    )
+    assert resolved.dataset == str(same_reviews_two_layouts[1])  # where the folder's reviews came from
+
+
+def test_training_from_a_prepared_folder_applies_max_samples(hub_imdb: Path, tmp_path: Path) -> None:
+    """`sentiment train --prepared DIR --max_train_samples N --max_eval_samples M` trains and evaluates on the
+    cut splits, and the run's config.yaml and metrics.json's sizes say so."""
+    from test_training import tiny_config
+
+    from sentiment.training import train
+
+    prepare_data(tiny_config(hub_imdb, tmp_path / "unused")).save(tmp_path / "prepared")
+    run = tmp_path / "run"
+    cfg = tiny_config("/nonexistent", run, prepared=str(tmp_path / "prepared"), epochs=1)
+    metrics = train(build_config(None, {**cfg.to_dict(), "max_train_samples": 30, "max_eval_samples": 20}))
+    assert metrics["sizes"] == {"train": 30, "validation": 8, "test": 20}
+    assert json.loads((run / "metrics.json").read_text())["sizes"] == metrics["sizes"]
+    recorded = yaml.safe_load((run / "config.yaml").read_text())
+    assert (recorded["max_train_samples"], recorded["max_eval_samples"]) == (30, 20)

@@ -554,6 +554,32 @@ def test_model_card_mid_training_and_for_a_repo(hub_run: tuple[Path, dict[str, A
     assert card.data.eval_results is None and "## Results" not in card.text
 
 
+def test_model_card_describes_the_pooling_and_optimizer_of_the_run(
+    hub_run: tuple[Path, dict[str, Any]], hub_imdb: Path, tmp_path: Path
+) -> None:
+    """The card's network and training lines follow the run's config: max pooling and AdamW (with its weight
+    decay) are named as such; a run with the defaults reads its final hidden state and trains with Adam."""
+    run_dir, _ = hub_run
+    default = ModelCard.load(run_dir / "best" / "README.md").text
+    assert "The final hidden state of both directions\ngoes through dropout" in default
+    assert "(Adam, binary cross-entropy" in default and "| pooling | `last` |" in default
+
+    run = tmp_path / "max-adamw"
+    values = {
+        "epochs": 1,
+        "batch_size": 8,
+        "hidden_dim": 8,
+        "pooling": "max",
+        "optimizer": "adamw",
+        "weight_decay": 0.01,
+    }
+    train(tiny_config(hub_imdb, run, **values))
+    text = ModelCard.load(write_model_card(run / "best", run)).text
+    assert "The element-wise maximum of the top layer's outputs (both directions) over the review's words\ngoes" in text
+    assert "(AdamW, weight decay 0.01, binary cross-entropy" in text and "| pooling | `max` |" in text
+    assert "final hidden state" not in text and "(Adam," not in text
+
+
 # ------------------------------------------------------------------------------------------------ the push
 
 
