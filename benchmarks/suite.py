@@ -42,7 +42,13 @@ from sentiment.batching import EncodedSplit
 from sentiment.config import build_config
 from sentiment.prepare import MANIFEST, PreparedData
 
-CONFIGS = {"lstm": "configs/lstm.yaml", "bilstm": "configs/bilstm.yaml"}
+CONFIGS = {
+    "lstm": "configs/lstm.yaml",
+    "bilstm": "configs/bilstm.yaml",
+    "best_lstm": "configs/best_lstm.yaml",
+    "best_bilstm": "configs/best_bilstm.yaml",
+}
+PLAIN_LOOP_CONFIGS = ("lstm", "bilstm")  # the report's models, which the plain loop builds
 PATHS = {  # the trainer's execution paths: config flags ("default": what the config does on this device)
     "default": {},
     "fused+graphs": {"rnn_input": "fused"},
@@ -122,10 +128,16 @@ def derived_prepared(data: PreparedData, folder: Path, train_reviews: int | None
 
 
 def train_run(
-    prepared: Path, config: str, workdir: Path, keep_metrics: Path | None = None, **flags: Any
+    prepared: Path,
+    config: str,
+    workdir: Path,
+    keep_metrics: Path | None = None,
+    budget_gib: float | None = None,
+    **flags: Any,
 ) -> dict[str, Any]:
     """Run the trainer (in this process) and summarise its timing and figures; its metrics.json is also kept in
-    ``keep_metrics`` when given."""
+    ``keep_metrics`` when given. ``budget_gib``: the GPU memory the process may use (``set_per_process_memory_
+    fraction``), to emulate a smaller card."""
     from sentiment.training import train
 
     cfg = build_config(
@@ -133,8 +145,16 @@ def train_run(
                  "report_to": "none", **flags},
     )  # fmt: skip
     if torch.cuda.is_available():
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    metrics = train(cfg)
+        if budget_gib is not None:
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(budget_gib * 2**30 / total, 1.0))
+    try:
+        metrics = train(cfg)
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.set_per_process_memory_fraction(1.0)
     if keep_metrics is not None:  # the run's own metrics.json, for docs/results (scripts/results_table.py)
         keep_metrics.mkdir(parents=True, exist_ok=True)
         name = "-".join([Path(config).stem, *(f"{k}_{v}" for k, v in sorted(flags.items()))]).replace("/", "_")
@@ -144,15 +164,19 @@ def train_run(
     tokens = json.loads((prepared / MANIFEST).read_text())["tokens"]["train"]
     epoch_seconds = statistics.mean(h["epoch_seconds"] for h in steady)
     graphs = metrics.get("cuda_graphs") or {}
+    memory = metrics.get("memory") or {}
     return {
         "epochs": len(history),
         "s/epoch": epoch_seconds,
-        "first epoch s": history[0]["epoch_seconds"],
+        # the memory plan (graph captures included) runs before the first epoch: counted with it here
+        "first epoch s": history[0]["epoch_seconds"] + memory.get("plan_seconds", 0.0),
         "capture s": graphs.get("capture_seconds", 0.0),
         "graph shapes": graphs.get("shapes", 0),
         "eval s": statistics.mean(h["eval_seconds"] for h in steady),
         "tokens/s": tokens / epoch_seconds,
-        "peak GiB": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
+        "peak allocated GiB": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
+        "peak reserved GiB": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0,
+        "memory plan": memory.get("plan", "cpu"),
         "valid acc": metrics["valid_acc"],
         "test acc": metrics["test_acc"],
         "best epoch": metrics["best_epoch"],
@@ -176,7 +200,7 @@ def section_prepare(results: Results, dataset: str) -> None:
 
 def section_train(
     results: Results,
-    prepared: Path,
+    prepared: dict[str, Path],
     workdir: Path,
     configs: list[str],
     seeds: list[int],
@@ -184,29 +208,42 @@ def section_train(
     other_epochs: int = 2,
     plain: bool = True,
     keep_metrics: Path | None = None,
+    budgets: list[float] | None = None,
 ) -> None:
-    """Each config: the plain loop (1 epoch), then each trainer path: the default one for every seed and the
-    config's epochs, the others for the first seed and ``other_epochs`` epochs (0: the config's)."""
-    data = PreparedData.load(prepared)
+    """Each config: the plain loop (1 epoch; the report's models only), then each trainer path: the default one
+    for every seed and the config's epochs, the others for the first seed and ``other_epochs`` epochs (0: the
+    config's), then the default path under each memory budget of ``budgets`` (GiB, first seed). Every row
+    carries the plain loop's s/epoch from this call and the peak reserved GPU memory. ``prepared``: the folder
+    of each config."""
     for name in configs:
         baseline = None
-        if plain:
-            baseline = plain_loop(data, CONFIGS[name], epochs=1)["history"][-1]
+        if plain and name in PLAIN_LOOP_CONFIGS:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            baseline = plain_loop(PreparedData.load(prepared[name]), CONFIGS[name], epochs=1)["history"][-1]
             row = {"config": name, "path": "plain loop (report's recipe)", "epochs": 1}
             figures = {"s/epoch": baseline["epoch_seconds"], "eval s": baseline["eval_seconds"]}
-            results.add("train", {**row, **figures, "valid acc": baseline["valid_acc"]})
-        for path in paths:
-            for seed in seeds if path == "default" else seeds[:1]:
-                epochs = {"epochs": other_epochs} if path != "default" and other_epochs else {}
-                try:
-                    row = train_run(prepared, CONFIGS[name], workdir, keep_metrics, seed=seed, **PATHS[path], **epochs)
-                except Exception as err:  # record it and go on with the other paths
-                    results.add("train", {"config": name, "path": path, "seed": seed, "error": repr(err)[:300]})
-                    continue
-                row = {"config": name, "path": path, "seed": seed, **row}
-                if baseline is not None:
-                    row["speed-up"] = baseline["epoch_seconds"] / row["s/epoch"]
-                results.add("train", row)
+            reserved = torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0
+            results.add("train", {**row, **figures, "peak reserved GiB": reserved, "valid acc": baseline["valid_acc"]})
+        runs = [(path, seed, None) for path in paths for seed in (seeds if path == "default" else seeds[:1])]
+        runs += [("default", seeds[0], budget) for budget in budgets or []]
+        for path, seed, budget in runs:
+            epochs = {"epochs": other_epochs} if path != "default" and other_epochs else {}
+            shown = path if budget is None else f"{path}, {budget:g} GiB budget"
+            try:
+                row = train_run(
+                    prepared[name], CONFIGS[name], workdir, keep_metrics, budget, seed=seed, **PATHS[path], **epochs
+                )
+            except Exception as err:  # record it and go on with the other paths
+                results.add("train", {"config": name, "path": shown, "seed": seed, "error": repr(err)[:300]})
+                continue
+            row = {"config": name, "path": shown, "seed": seed, **row}
+            if baseline is not None:
+                row["plain s/epoch"] = baseline["epoch_seconds"]
+                row["speed-up"] = baseline["epoch_seconds"] / row["s/epoch"]
+                row["first-epoch speed-up"] = baseline["epoch_seconds"] / row["first epoch s"]
+            results.add("train", row)
 
 
 def section_growth(results: Results, prepared: Path, workdir: Path, config: str) -> None:
@@ -284,11 +321,24 @@ def section_predict(results: Results, prepared: Path, config: str, reviews: int 
     results.add("predict", {**row, "seconds": seconds, "reviews/s": reviews / seconds})
 
 
+def _prepared_for(name: str, args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
+    """The prepared folder a config trains from: ``--prepared_lowercase`` for configs that lowercase."""
+    if not build_config(CONFIGS[name]).lowercase:
+        return Path(args.prepared)
+    if not args.prepared_lowercase:
+        parser.error(f"config {name} lowercases its words: pass --prepared_lowercase DIR (prepared with that config)")
+    return Path(args.prepared_lowercase)
+
+
 def main() -> None:
     """Run the chosen sections."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", default="train,growth,predict")
     parser.add_argument("--prepared", help="prepared data folder (train, growth, predict)")
+    parser.add_argument(
+        "--prepared_lowercase", help="prepared folder of the configs with lowercase: true (best_lstm, best_bilstm)"
+    )
+    parser.add_argument("--budgets", default="", help="GiB,...: also run the default path under these memory budgets")
     parser.add_argument("--dataset", default="stanfordnlp/imdb", help="raw IMDB (prepare)")
     parser.add_argument("--configs", default="lstm,bilstm")
     parser.add_argument("--seeds", default="42,43,44", help="seeds of the default path's full runs")
@@ -317,9 +367,14 @@ def main() -> None:
                 paths = args.paths.split(",")
                 if set(paths) - set(PATHS):
                     parser.error(f"unknown path in {args.paths}; choose from {', '.join(PATHS)}")
+                configs = args.configs.split(",")
+                if set(configs) - set(CONFIGS):
+                    parser.error(f"unknown config in {args.configs}; choose from {', '.join(CONFIGS)}")
+                folders = {name: _prepared_for(name, args, parser) for name in configs}
+                budgets = [float(budget) for budget in args.budgets.split(",") if budget]
                 section_train(
-                    results, Path(args.prepared), Path(workdir), args.configs.split(","), seeds, paths,
-                    args.other_epochs, not args.skip_plain, args.keep_metrics,
+                    results, folders, Path(workdir), configs, seeds, paths,
+                    args.other_epochs, not args.skip_plain, args.keep_metrics, budgets,
                 )  # fmt: skip
             elif section == "sweep":
                 try:

@@ -87,9 +87,9 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         self.epoch = epoch
         self.skip_batches = skip_batches
 
-    def global_batches(self) -> list[np.ndarray]:
-        """The batches of this epoch for all processes together, in order."""
-        rng = np.random.default_rng([self.seed, self.epoch])
+    def global_batches(self, epoch: int | None = None) -> list[np.ndarray]:
+        """The batches of this epoch (or of ``epoch``) for all processes together, in order."""
+        rng = np.random.default_rng([self.seed, self.epoch if epoch is None else epoch])
         order = rng.permutation(len(self.lengths))
         batches: list[np.ndarray] = []
         for start in range(0, len(order), self.chunk_size):

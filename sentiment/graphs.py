@@ -1,4 +1,4 @@
-"""Training steps replayed from CUDA graphs: one graph per bucketed batch shape, captured on first use.
+"""The training step, and its replay from CUDA graphs: one graph per bucketed batch shape, all in one memory pool.
 
 cuDNN's LSTM is host-bound at this model size: each training step is thousands of small kernels whose launch
 costs more than their work. A CUDA graph launches all of them (forward, loss, backward, gradient clipping and
@@ -6,11 +6,18 @@ the optimizer step) in one call. A graph replays fixed shapes, so batches are pa
 lengths (:func:`sentiment.batching.bucket_length`) and to a fixed number of rows, the extra rows carrying
 weight 0; with the model's ``fused`` or ``padded`` path (both exact under extra padding) every step computes
 what the eager step computes on the unpadded batch.
+
+Memory: every graph allocates from one pool, and the shapes are captured largest first (before training, when
+the trainer knows them), so the later, smaller graphs fit in the memory the largest one left free: the pool holds
+about one step of the longest batch, whatever the number of shapes. Captures leave the weights, the optimizer's
+state and the random number generators exactly as they were.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -43,31 +50,114 @@ def zero_nonfinite_gradients(parameters: list[nn.Parameter], max_grad_norm: floa
     return nonfinite.to(torch.int64)
 
 
-def weighted_train_step(
+def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     batch: dict[str, torch.Tensor],
     totals: torch.Tensor,
     max_grad_norm: float | None = None,
     nonfinite_steps: torch.Tensor | None = None,
+    *,
+    chunk_tokens: int | None = None,
+    backward: Callable[[torch.Tensor], None] | None = None,
+    unscale: Callable[[], None] | None = None,
 ) -> None:
-    """One training step on a fixed-shape ``batch`` whose filler rows have weight 0: loss = mean over the real
-    reviews, backward, optional gradient clipping, optimizer step, and ``totals += (loss sum, correct, count)``,
-    all on the device with no host sync (so that it can be captured in a CUDA graph). A step whose gradients
-    are not finite changes them to zero (``zero_nonfinite_gradients``) and adds 1 to ``nonfinite_steps``."""
-    logits = model(batch["input_ids"], batch["lengths"]).float()
-    weights = batch["weights"]
+    """One training step, the same for CUDA graphs and for eager runs: loss = mean over the batch's real reviews,
+    backward, optional gradient clipping, optimizer step, and ``totals += (loss sum, correct, count)``, all on
+    the device with no host sync (so that it can be captured in a CUDA graph).
+
+    ``batch`` holds ``input_ids``, ``lengths``, ``labels`` and optionally ``weights`` (1 for a real review, 0 for
+    a filler row of a fixed-shape batch; all 1 when absent), ``labels`` and ``weights`` on the model's device.
+    ``chunk_tokens`` splits a batch of more than that many tokens (rows x length) into groups of rows run one after
+    another, their gradients summed before the one optimizer step (the same step, in less memory; a wrapped
+    ``DistributedDataParallel`` model synchronises once, on the last group). ``backward`` replaces
+    ``loss.backward()`` (Accelerate's, with its gradient scaler) and ``unscale`` runs before clipping (the scaler's
+    unscaling). A step whose gradients are not finite changes them to zero (``zero_nonfinite_gradients``) and adds
+    1 to ``nonfinite_steps``."""
+    input_ids, lengths, labels = batch["input_ids"], batch["lengths"], batch["labels"]
+    weights = batch.get("weights")
+    if weights is None:
+        weights = torch.ones_like(labels)
     count = weights.sum()
-    per_review = F.binary_cross_entropy_with_logits(logits, batch["labels"], reduction="none")
-    loss = (per_review * weights).sum() / count
-    loss.backward()
-    nonfinite = zero_nonfinite_gradients(list(model.parameters()), max_grad_norm)
+    rows, steps = input_ids.shape
+    chunk = rows if not chunk_tokens else max(1, min(rows, chunk_tokens // max(steps, 1)))
+    starts = range(0, rows, chunk)
+    loss_sum = correct = None
+    for index, start in enumerate(starts):
+        part = slice(start, start + chunk)
+        last = index == len(starts) - 1
+        no_sync = getattr(model, "no_sync", None)
+        with contextlib.nullcontext() if last or no_sync is None else no_sync():
+            logits = model(input_ids[part], lengths[part]).float()
+            per_review = F.binary_cross_entropy_with_logits(logits, labels[part], reduction="none") * weights[part]
+            loss = per_review.sum() / count
+            (backward or torch.Tensor.backward)(loss)
+        with torch.no_grad():
+            part_correct = (((logits > 0).float() == labels[part]).float() * weights[part]).sum()
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+            correct = part_correct if correct is None else correct + part_correct
+    if unscale is not None:
+        unscale()
+    params = [param for param in model.parameters() if param.requires_grad]
+    nonfinite = zero_nonfinite_gradients(params, max_grad_norm)
     if nonfinite_steps is not None:
         nonfinite_steps += nonfinite
     optimizer.step()
     with torch.no_grad():
-        correct = (((logits > 0).float() == batch["labels"]).float() * weights).sum()
-        totals += torch.stack([loss.detach().double() * count, correct.double(), count.double()])
+        totals += torch.stack([loss_sum.double() * count, correct.double(), count.double()])
+
+
+@contextlib.contextmanager
+def unchanged(model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Run trial steps with no lasting effect: the weights, the optimizer's state, the gradients (dropped) and the
+    CPU and CUDA random number generators are as before when the block ends, also when it raises (out of
+    memory, say)."""
+    device = next(model.parameters()).device
+    params = [param.detach().clone() for param in model.parameters()]
+    state = {
+        key: {name: value.clone() if torch.is_tensor(value) else value for name, value in entry.items()}
+        for key, entry in optimizer.state.items()
+    }
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        try:
+            yield
+        finally:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for param, value in zip(model.parameters(), params, strict=True):
+                    param.copy_(value)
+                for key in list(optimizer.state):  # state the block created (a first step) goes again
+                    if key not in state:
+                        del optimizer.state[key]
+                for key, entry in state.items():
+                    for name in list(optimizer.state[key]):
+                        if name not in entry:
+                            del optimizer.state[key][name]
+                    for name, value in entry.items():
+                        if torch.is_tensor(value):
+                            optimizer.state[key][name].copy_(value)
+                        else:
+                            optimizer.state[key][name] = value
+
+
+def dummy_batch(shape: tuple[int, int], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """A fixed-shape batch of ``shape`` (rows, length) for warm-ups and trials: every row a full-length review
+    of padding ids with weight 1 (the most work and memory any batch of this shape can take)."""
+    rows, steps = shape
+    return {
+        "input_ids": torch.full((rows, steps), pad_id, dtype=torch.int64, device=device),
+        "lengths": torch.full((rows,), steps, dtype=torch.int64, device=device),
+        "labels": torch.zeros(rows, dtype=torch.float32, device=device),
+        "weights": torch.ones(rows, dtype=torch.float32, device=device),
+    }
+
+
+def tokens(shape: tuple[int, int]) -> int:
+    """Rows x length: what a batch's memory grows with."""
+    return shape[0] * shape[1]
 
 
 class GraphedTrainStep:
@@ -79,6 +169,9 @@ class GraphedTrainStep:
     count without a host sync, and ``nonfinite_steps`` the steps whose gradients were not finite (set to zero).
     ``optimizer`` must be an ``Adam``/``AdamW`` with ``capturable=True``. Mixed precision is the model's own
     (Accelerate wraps ``forward`` in autocast; build the autocast with ``cache_enabled=False``, as graphs need).
+
+    ``capture(shapes)`` captures the given shapes before training, largest first, so that the one memory pool
+    they share is sized by the largest; a shape met later is captured on first use.
     """
 
     def __init__(
@@ -99,7 +192,7 @@ class GraphedTrainStep:
         self.totals = torch.zeros(3, dtype=torch.float64, device=device)
         self.nonfinite_steps = torch.zeros((), dtype=torch.int64, device=device)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}
-        self.pool = None
+        self.pool = torch.cuda.graph_pool_handle()
         self.capture_seconds = 0.0
         self._optimizer_ready = False
 
@@ -129,61 +222,41 @@ class GraphedTrainStep:
         start = time.perf_counter()
         if not self._optimizer_ready:
             self._init_optimizer_state()
-        rows, steps = shape
-        pad_id = self.model.pad_id
-        inputs = {
-            "input_ids": torch.full((rows, steps), pad_id, dtype=torch.int64, device=self.device),
-            "lengths": torch.ones(rows, dtype=torch.int64, device=self.device),
-            "labels": torch.zeros(rows, dtype=torch.float32, device=self.device),
-            "weights": torch.zeros(rows, dtype=torch.float32, device=self.device),
-        }
-        inputs["weights"][0] = 1.0  # a dummy batch for the warm-up pass; its effect is undone below
-        # Warm up on a side stream (cuDNN and the allocator settle), with the weights and state kept unchanged.
-        saved = {
-            "params": [p.detach().clone() for p in self.model.parameters()],
-            "state": {
-                k: {n: v.clone() if torch.is_tensor(v) else v for n, v in s.items()}
-                for k, s in self.optimizer.state.items()
-            },
-            "totals": self.totals.clone(),
-            "nonfinite_steps": self.nonfinite_steps.clone(),
-        }
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            self.optimizer.zero_grad(set_to_none=True)
-            weighted_train_step(
-                self.model, self.optimizer, inputs, self.totals, self.max_grad_norm, self.nonfinite_steps
-            )
-        torch.cuda.current_stream(self.device).wait_stream(side)
+        inputs = dummy_batch(shape, self.model.pad_id, self.device)
         graph = torch.cuda.CUDAGraph()
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.cuda.graph(graph, pool=self.pool):
-            weighted_train_step(
-                self.model, self.optimizer, inputs, self.totals, self.max_grad_norm, self.nonfinite_steps
-            )
-        self.pool = graph.pool()
-        with torch.no_grad():
-            for param, value in zip(self.model.parameters(), saved["params"], strict=True):
-                param.copy_(value)
-            for key, state in saved["state"].items():
-                for name, value in state.items():
-                    if torch.is_tensor(value):
-                        self.optimizer.state[key][name].copy_(value)
-            self.totals.copy_(saved["totals"])
-            self.nonfinite_steps.copy_(saved["nonfinite_steps"])
-        del saved
+        with unchanged(self.model, self.optimizer):
+            saved_totals = (self.totals.clone(), self.nonfinite_steps.clone())
+            # Warm up on a side stream (cuDNN and the allocator settle); its memory goes back before the capture,
+            # so that the pool and the warm-up's cache never hold memory at the same time.
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self.optimizer.zero_grad(set_to_none=True)
+                train_step(self.model, self.optimizer, inputs, self.totals, self.max_grad_norm, self.nonfinite_steps)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            self.optimizer.zero_grad(set_to_none=True)
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            with torch.cuda.graph(graph, pool=self.pool):
+                train_step(self.model, self.optimizer, inputs, self.totals, self.max_grad_norm, self.nonfinite_steps)
+            # The graph's gradients stay in the pool as the parameters' .grad; dropping them lets the next capture
+            # reuse that memory (each replay writes its gradients before it reads them).
+            self.totals.copy_(saved_totals[0])
+            self.nonfinite_steps.copy_(saved_totals[1])
         torch.cuda.synchronize(self.device)
-        # The warm-up's eager allocations (cuDNN's reserve space for this shape, ...) stay cached otherwise: tens
-        # of GiB for long batches, which other processes on the GPU (sweep workers) then cannot have.
-        torch.cuda.empty_cache()
         self.capture_seconds += time.perf_counter() - start
         return graph, inputs
+
+    def capture(self, shapes: Iterable[tuple[int, int]]) -> None:
+        """Capture a graph for every shape of ``shapes`` not captured yet, the largest (rows x length) first."""
+        for shape in sorted(set(shapes) - set(self.graphs), key=lambda s: (tokens(s), s), reverse=True):
+            self.graphs[shape] = self._capture(shape)
 
     def close(self) -> None:
         """Free the graphs and their memory pool (the next ``step`` captures again)."""
         self.graphs.clear()
-        self.pool = None
+        self.pool = torch.cuda.graph_pool_handle()
+        self.optimizer.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
 
     def step(self, batch: dict[str, torch.Tensor]) -> None:

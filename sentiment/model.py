@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +41,19 @@ def lstm_layers(
     AutocastRNN wrapper), which overflows without a gradient scaler: a large LSTM fine-tuned under ``bf16`` had
     infinite gradients in most steps. Here the LSTM gets the range the user asked for. ``train`` has no default:
     cuDNN keeps what its backward pass needs only in training mode (``train=False`` then fails in backward)."""
-    if bf16_autocast(inputs.device.type):
-        with torch.autocast(inputs.device.type, enabled=False):
-            bf16 = torch.bfloat16
-            return torch.lstm(
-                inputs.to(bf16), tuple(s.to(bf16) for s in state), [w.to(bf16) for w in weights],
-                True, num_layers, dropout, train, bidirectional, True,
-            )  # fmt: skip
-    return torch.lstm(inputs, state, weights, True, num_layers, dropout, train, bidirectional, True)
+    with warnings.catch_warnings():
+        # The fused path's weights carry an extra input column, DropConnect's are dropped copies: not nn.LSTM's
+        # flat buffer, so cuDNN packs them into one at each call. That copies the weights (a few MB), not
+        # activations; cuDNN's warning that it may "greatly increase memory usage" does not apply.
+        warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous chunk")
+        if bf16_autocast(inputs.device.type):
+            with torch.autocast(inputs.device.type, enabled=False):
+                bf16 = torch.bfloat16
+                return torch.lstm(
+                    inputs.to(bf16), tuple(s.to(bf16) for s in state), [w.to(bf16) for w in weights],
+                    True, num_layers, dropout, train, bidirectional, True,
+                )  # fmt: skip
+        return torch.lstm(inputs, state, weights, True, num_layers, dropout, train, bidirectional, True)
 
 
 def reverse_within_lengths(lengths: torch.Tensor, steps: int) -> torch.Tensor:

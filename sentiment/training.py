@@ -34,10 +34,11 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from sentiment.batching import make_dataloader
+from sentiment.batching import bucket_length, make_dataloader
 from sentiment.config import ConfigError, TrainConfig
-from sentiment.graphs import GraphedTrainStep, zero_nonfinite_gradients
+from sentiment.graphs import GraphedTrainStep, tokens, train_step
 from sentiment.hub import push_checkpoint, require_push_access, write_model_card
+from sentiment.memory import GiB, StepPlan, plan_steps
 from sentiment.model import LSTMClassifier
 from sentiment.predict import write_logits
 from sentiment.prepare import PreparedData, prepare_data
@@ -171,16 +172,28 @@ def _wandb_logged_in() -> bool:
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator, keep_logits: bool = False
+    model: torch.nn.Module,
+    loader: DataLoader,
+    accelerator: Accelerator,
+    keep_logits: bool = False,
+    max_tokens: int | None = None,
 ) -> dict[str, Any]:
     """Loss and accuracy over every example of ``loader`` on all processes, each example counted once. With
-    ``keep_logits`` also ``logits``: every example's logit in the split's order, gathered from all processes."""
+    ``keep_logits`` also ``logits``: every example's logit in the split's order, gathered from all processes.
+    ``max_tokens``: a batch of more tokens (rows x length) is run in groups of rows of at most that many (the
+    same logits, in less memory)."""
     model.eval()
     stats = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
     kept = []
     for batch in loader:
         labels = batch["labels"].to(accelerator.device)
-        logits = model(batch["input_ids"].to(accelerator.device), batch["lengths"]).float()
+        input_ids = batch["input_ids"].to(accelerator.device)
+        rows, steps = input_ids.shape
+        chunk = rows if not max_tokens else max(1, min(rows, max_tokens // steps))
+        logits = torch.cat(
+            [model(input_ids[start : start + chunk], batch["lengths"][start : start + chunk]).float()
+             for start in range(0, rows, chunk)]
+        )  # fmt: skip
         stats[0] += F.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
         stats[1] += ((logits > 0).float() == labels).sum()
         stats[2] += len(labels)
@@ -211,15 +224,18 @@ def train_epoch(
     after_step: Callable[[int, torch.Tensor], None] | None = None,
     graph_step: GraphedTrainStep | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    chunk_tokens: int | None = None,
 ) -> dict[str, float]:
     """One pass over this process's batches of ``epoch``; loss and accuracy over all processes' examples.
 
     Figures accumulate on the device (no host sync per step); the bar shows the loss every 50 steps. An epoch
     interrupted after ``start_step`` steps continues from there, with the figures summed so far
     (``partial_totals``, over all processes). ``after_step(steps_done, totals)`` runs after every step.
-    ``graph_step`` replays each step from a CUDA graph (batches of fixed shapes, see :mod:`sentiment.graphs`);
-    ``scheduler`` steps after every optimizer step. A step whose gradients are not finite (an overflow) has them
-    set to zero instead of turning the weights into NaN; ``nonfinite_steps`` counts such steps.
+    Each step is :func:`sentiment.graphs.train_step`: replayed from a CUDA graph with ``graph_step`` (batches of
+    fixed shapes, see :mod:`sentiment.graphs`), else run eagerly, batches of more than ``chunk_tokens`` tokens in
+    groups of rows (:mod:`sentiment.memory`); ``scheduler`` steps after every optimizer step. A step whose
+    gradients are not finite (an overflow) has them set to zero instead of turning the weights into NaN;
+    ``nonfinite_steps`` counts such steps.
     """
     model.train()
     loader.batch_sampler.set_epoch(epoch, skip_batches=start_step)
@@ -228,37 +244,25 @@ def train_epoch(
     nonfinite_steps = (
         torch.zeros((), dtype=torch.int64, device=device) if graph_step is None else graph_step.nonfinite_steps.zero_()
     )
-    params = [param for param in model.parameters() if param.requires_grad]
     if partial_totals is not None and accelerator.is_main_process:  # summed over processes: counted once
         totals += torch.tensor(partial_totals, dtype=torch.float64, device=device)
+    # fp16: true gradients before clipping; the scaler then skips overflowed steps
+    unscale = accelerator.unscale_gradients if accelerator.scaler is not None else None
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not accelerator.is_main_process, leave=False)
     for step, batch in enumerate(bar, start=start_step):
         if graph_step is not None:
             graph_step.step(batch)
-            if scheduler is not None:
-                scheduler.step()
-            if step % 50 == 0:
-                bar.set_postfix(loss=f"{(totals[0] / totals[2]).item():.4f}")
-            if after_step is not None:
-                after_step(step + 1, totals)
-            continue
-        labels = batch["labels"].to(device, non_blocking=True)
-        logits = model(batch["input_ids"].to(device, non_blocking=True), batch["lengths"])
-        loss = F.binary_cross_entropy_with_logits(logits.float(), labels)
-        accelerator.backward(loss)
-        if accelerator.scaler is not None:  # fp16: true gradients first; the scaler then skips overflowed steps
-            accelerator.unscale_gradients()
-        nonfinite_steps += zero_nonfinite_gradients(params, cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        else:
+            on_device = {key: value.to(device, non_blocking=True) for key, value in batch.items() if key != "lengths"}
+            train_step(
+                model, optimizer, {**on_device, "lengths": batch["lengths"]}, totals, cfg.max_grad_norm,
+                nonfinite_steps, chunk_tokens=chunk_tokens, backward=accelerator.backward, unscale=unscale,
+            )  # fmt: skip
+            optimizer.zero_grad(set_to_none=True)
         if scheduler is not None:
             scheduler.step()
-        with torch.no_grad():
-            totals[0] += loss.detach().double() * len(labels)
-            totals[1] += ((logits.detach() > 0).float() == labels).sum()
-            totals[2] += len(labels)
         if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.set_postfix(loss=f"{(totals[0] / totals[2].clamp(min=1)).item():.4f}")
         if after_step is not None:
             after_step(step + 1, totals)
     totals = accelerator.reduce(totals, reduction="sum")
@@ -423,12 +427,50 @@ def _use_cuda_graphs(cfg: TrainConfig, accelerator: Accelerator) -> bool:
     return not reasons
 
 
+def _plan_memory(
+    cfg: TrainConfig,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_loader: DataLoader,
+    data: PreparedData,
+    use_graphs: bool,
+    first_epoch: int,
+) -> StepPlan:
+    """Choose, before training, how this run's steps fit on the GPU (:func:`sentiment.memory.plan_steps`): every
+    training batch shape of the epochs still to run, the largest evaluation batch; logged on the main process.
+    Trials run on the unwrapped model (no collective, so several processes need not agree on them)."""
+    sampler = train_loader.batch_sampler
+    fixed_rows = train_loader.collate_fn.fixed_rows
+    shapes = set()
+    for epoch in range(first_epoch, cfg.epochs):
+        for batch in sampler.global_batches(epoch):
+            longest = int(sampler.lengths[batch].max())
+            shapes.add((fixed_rows, bucket_length(longest)) if fixed_rows else (len(batch), longest))
+    evaluated = [data.splits[name] for name in ("validation", "test") if len(data.splits[name])]
+    eval_shape = max(
+        ((min(cfg.eval_batch_size, len(split)), int(split.lengths.max())) for split in evaluated), key=tokens
+    )
+    started = time.perf_counter()
+    plan = plan_steps(
+        accelerator.unwrap_model(model), optimizer.optimizer, shapes, eval_shape, graphs=use_graphs,
+        max_grad_norm=cfg.max_grad_norm, pad_id=data.info["pad_id"],
+    )  # fmt: skip
+    plan.seconds = time.perf_counter() - started
+    if accelerator.is_main_process:
+        logger.info("%s (%.1f s)", plan.describe(), plan.seconds)
+    return plan
+
+
 def train(cfg: TrainConfig, on_epoch_end: EpochCallback | None = None) -> dict[str, Any]:
     """Train ``cfg`` end to end and return the final metrics (also written to ``output_dir/metrics.json``).
 
     ``on_epoch_end(epoch, record)`` is called on every process after each epoch's validation (a sweep's pruner
     reads ``record["valid_acc"]`` there); an exception it raises stops the run, after the trackers are closed.
+    ``mixed_precision`` null takes the launcher's choice (``accelerate launch --mixed_precision``), and the run's
+    config.yaml records the one that ran.
     """
+    cfg = cfg.resolve_mixed_precision()
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         log_with="wandb" if cfg.report_to == "wandb" else None,
@@ -519,8 +561,9 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
 
     shard = {"num_replicas": accelerator.num_processes, "rank": accelerator.process_index}
     pad_id = data.info["pad_id"]
+    fixed_shapes = accelerator.device.type == "cuda" and cfg.rnn_input != "packed"  # a few shapes, reused memory
     train_loader = make_dataloader(
-        data.splits["train"], cfg.batch_size, pad_id, train=True, seed=cfg.seed, fixed_shapes=use_graphs, **shard
+        data.splits["train"], cfg.batch_size, pad_id, train=True, seed=cfg.seed, fixed_shapes=fixed_shapes, **shard
     )
     valid_loader = make_dataloader(data.splits["validation"], cfg.eval_batch_size, pad_id, train=False, **shard)
     test_loader = make_dataloader(data.splits["test"], cfg.eval_batch_size, pad_id, train=False, **shard)
@@ -546,15 +589,15 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
     }
     if cfg.resume:
         state_dir = _existing_dir(output_dir / "state")
-        accelerator.load_state(str(state_dir))
-        state = json.loads((state_dir / TRAINER_STATE).read_text())
+        state = _load_saved_state(accelerator, state_dir)
         logger.info("resumed from %s after epoch %d", state_dir, state["epoch"])
         for group in optimizer.param_groups:  # a scheduled lr for graphs is a tensor: keep it on the device
             if torch.is_tensor(group["lr"]):
                 group["lr"] = group["lr"].to(accelerator.device)
-    graph_step = None
-    if use_graphs:  # captured after a resume has loaded the optimizer's state: graphs hold its tensors
-        graph_step = GraphedTrainStep(accelerator.unwrap_model(model), optimizer.optimizer, cfg.max_grad_norm)
+    plan = None  # on a GPU, chosen after a resume has loaded the optimizer's state: graphs hold its tensors
+    if accelerator.device.type == "cuda":
+        plan = _plan_memory(cfg, accelerator, model, optimizer, train_loader, data, use_graphs, state["epoch"])
+    graph_step = plan.graph_step if plan is not None else None
     if cfg.report_to == "wandb":
         if accelerator.is_main_process and state["wandb_run_id"] is None:
             alphabet = string.ascii_lowercase + string.digits
@@ -576,6 +619,7 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
         if stopping:
             raise TrainingStopped(output_dir, state["epoch"], steps_done)
 
+    eval_tokens = plan.eval_tokens if plan is not None else None
     with stop:  # SIGINT/SIGTERM: save after the current step and stop (checked after each step)
         last_epoch = state["epoch"] if state.get("stopped_early") else cfg.epochs  # stopped early: nothing left
         for epoch in range(state["epoch"], last_epoch):
@@ -583,7 +627,7 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
             train_figures = train_epoch(
                 model, optimizer, train_loader, accelerator, epoch, cfg,
                 start_step=state.get("step", 0), partial_totals=state.get("partial_totals"), after_step=after_step,
-                graph_step=graph_step, scheduler=scheduler,
+                graph_step=graph_step, scheduler=scheduler, chunk_tokens=plan.chunk_tokens if plan else None,
             )  # fmt: skip
             state.update(step=0, partial_totals=None)
             train_seconds = time.perf_counter() - started
@@ -595,7 +639,7 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
                         epoch + 1,
                         train_figures["nonfinite_steps"],
                     )
-            valid = evaluate(accelerator.unwrap_model(model), valid_loader, accelerator)
+            valid = evaluate(accelerator.unwrap_model(model), valid_loader, accelerator, max_tokens=eval_tokens)
             if graph_step is not None:  # training replays graphs from their own pool: the eager cache is idle
                 torch.cuda.empty_cache()  # until the next validation, and other processes on the GPU may need it
             record = {
@@ -639,8 +683,8 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
     best_dir = _existing_dir(output_dir / "best")
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.load_state_dict(load_file(best_dir / "model.safetensors"))
-    test = evaluate(unwrapped, test_loader, accelerator, keep_logits=True)
-    valid_logits = evaluate(unwrapped, valid_loader, accelerator, keep_logits=True)["logits"]
+    test = evaluate(unwrapped, test_loader, accelerator, keep_logits=True, max_tokens=eval_tokens)
+    valid_logits = evaluate(unwrapped, valid_loader, accelerator, keep_logits=True, max_tokens=eval_tokens)["logits"]
     best = state["history"][state["best_epoch"] - 1]
     metrics = {
         "best_epoch": state["best_epoch"],
@@ -659,6 +703,16 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
         "num_processes": accelerator.num_processes,
         "nonfinite_steps": state.get("nonfinite_steps", 0),
         "cuda_graphs": graph_figures,
+        "memory": None
+        if plan is None
+        else {
+            "plan": plan.mode,
+            "chunk_tokens": plan.chunk_tokens,
+            "eval_tokens": plan.eval_tokens,
+            "plan_seconds": plan.seconds,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved(accelerator.device) / GiB,
+            "device": torch.cuda.get_device_name(accelerator.device),
+        },
         "history": state["history"],
     }
     accelerator.log({"test_loss": test["loss"], "test_acc": test["acc"], "best_valid_acc": best["valid_acc"]})
@@ -715,3 +769,37 @@ def _save_state(accelerator: Accelerator, state: dict[str, Any], output_dir: Pat
             (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2))
             replace_dir(tmp, output_dir / "state")
         accelerator.wait_for_everyone()
+
+
+def _load_saved_state(accelerator: Accelerator, state_dir: Path) -> dict[str, Any]:
+    """Restore the model, optimizer, scheduler and random states saved in ``state_dir`` and return the trainer
+    state (``--resume``). A file there that cannot be read (a copy cut short, a full disk) is a ``CheckpointError``
+    naming it and the ways on: an intact copy of the folder, or the run started over with ``--overwrite``."""
+    from safetensors import safe_open
+
+    from sentiment.model import CheckpointError
+
+    try:
+        accelerator.load_state(str(state_dir))
+        return json.loads((state_dir / TRAINER_STATE).read_text())
+    except Exception as err:  # safetensors, torch.load, pickle and json each raise their own types
+        damaged = None
+        for path in sorted(state_dir.iterdir()):
+            try:
+                if path.suffix == ".safetensors":
+                    with safe_open(str(path), framework="pt"):  # checks the header against the file's size
+                        pass
+                elif path.suffix in (".bin", ".pkl", ".pt"):
+                    torch.load(path, map_location="cpu", weights_only=False)  # the run's own files, as load_state
+                elif path.name == TRAINER_STATE:
+                    json.loads(path.read_text())
+            except Exception:
+                damaged = path
+                break
+        what = f"{damaged} is damaged or incomplete" if damaged else f"the saved state in {state_dir} cannot be loaded"
+        raise CheckpointError(
+            f"--resume: {what} ({type(err).__name__}: {str(err)[:200]}), so the run cannot continue from it. Put "
+            f"back an intact copy of {state_dir} (an earlier save) and --resume again, or start the run over: the "
+            f"same command with --overwrite instead of --resume"
+            + ("" if damaged else f" (or resume with the run's own config, {state_dir.parent / 'config.yaml'})")
+        ) from None

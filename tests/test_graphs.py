@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from sentiment.batching import PadCollator, bucket_length
 from sentiment.config import build_config
-from sentiment.graphs import GraphedTrainStep, weighted_train_step, zero_nonfinite_gradients
+from sentiment.graphs import GraphedTrainStep, train_step, zero_nonfinite_gradients
 from sentiment.model import LSTMClassifier
 from sentiment.training import LRFactor, build_optimizer
 
@@ -74,7 +74,7 @@ def test_weighted_step_on_fixed_shape_equals_plain_step(bidirectional: bool) -> 
 
         tight = PadCollator(pad_id=1, fixed_rows=6)(batch)
         tight = {k: v.double() if v.is_floating_point() else v for k, v in tight.items()}
-        weighted_train_step(fixed, fixed_opt, tight, totals, max_grad_norm=0.5)
+        train_step(fixed, fixed_opt, tight, totals, max_grad_norm=0.5)
         fixed_opt.zero_grad()
     # float64; Adam divides by the root of tiny second moments, which turns rounding in the summation order of
     # near-zero embedding gradients into differences of about 1e-8 (everything else agrees to 1e-12).
@@ -126,20 +126,22 @@ def test_step_with_nan_gradients_leaves_the_weights_finite() -> None:
     batch = PadCollator(pad_id=1, fixed_rows=4)(examples([9, 5, 7]))
     totals = torch.zeros(3, dtype=torch.float64)
     nonfinite = torch.zeros((), dtype=torch.int64)
-    weighted_train_step(model, optimizer, batch, totals, max_grad_norm=1.0, nonfinite_steps=nonfinite)
+    train_step(model, optimizer, batch, totals, max_grad_norm=1.0, nonfinite_steps=nonfinite)
     optimizer.zero_grad(set_to_none=True)
     assert nonfinite.item() == 1
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
     poison.remove()
-    weighted_train_step(model, optimizer, batch, totals, max_grad_norm=1.0, nonfinite_steps=nonfinite)
+    train_step(model, optimizer, batch, totals, max_grad_norm=1.0, nonfinite_steps=nonfinite)
     assert nonfinite.item() == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert not torch.equal(model.lstm.weight_hh_l0, before[2])
 
 
 @needs_cuda
-def test_graph_replay_matches_eager_steps() -> None:
-    """Graph replays over several shapes, in any order, update the weights as eager steps do."""
+@pytest.mark.parametrize("capture_first", [False, True])
+def test_graph_replay_matches_eager_steps(capture_first: bool) -> None:
+    """Graph replays over several shapes, in any order, update the weights as eager steps do: graphs captured on
+    first use, and graphs captured before training, largest first, sharing one memory pool."""
     torch.manual_seed(0)
     device = torch.device("cuda")
     eager = LSTMClassifier(80, 8, 16, 2, True, dropout=0.0, rnn_input="fused").to(device).train()
@@ -149,10 +151,14 @@ def test_graph_replay_matches_eager_steps() -> None:
     step = GraphedTrainStep(graphed, graph_opt, max_grad_norm=1.0)
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     collate = PadCollator(pad_id=1, fixed_rows=8)
-    for seed, lengths in enumerate([[40, 33], [5, 5, 5, 5, 5, 5, 5, 5], [37, 38, 3], [6, 2], [120, 64, 100]]):
+    lengths_per_step = [[40, 33], [5, 5, 5, 5, 5, 5, 5, 5], [37, 38, 3], [6, 2], [120, 64, 100]]
+    if capture_first:  # all shapes before the first step, the largest first: the later ones reuse its memory
+        step.capture({(8, bucket_length(max(lengths))) for lengths in lengths_per_step})
+        assert list(step.graphs) == [(8, 120), (8, 40), (8, 6), (8, 5)]
+    for seed, lengths in enumerate(lengths_per_step):
         batch = collate(examples(lengths, vocab_size=80, seed=seed))
         step.step(batch)
-        weighted_train_step(eager, eager_opt, {k: v.to(device) for k, v in batch.items()}, totals, 1.0)
+        train_step(eager, eager_opt, {k: v.to(device) for k, v in batch.items()}, totals, 1.0)
         eager_opt.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     assert len(step.graphs) == 4  # lengths 40 and 37/38 share the bucket 40
@@ -188,7 +194,7 @@ def test_graph_replay_follows_per_group_schedules() -> None:
     for seed, lengths in enumerate(lengths_per_step):
         batch = collate(examples(lengths, vocab_size=80, seed=seed))
         step.step(batch)
-        weighted_train_step(eager, eager_opt, {k: v.to(device) for k, v in batch.items()}, totals, 1.0)
+        train_step(eager, eager_opt, {k: v.to(device) for k, v in batch.items()}, totals, 1.0)
         eager_opt.zero_grad(set_to_none=True)
         for scheduler in schedulers:
             scheduler.step()
@@ -199,3 +205,34 @@ def test_graph_replay_follows_per_group_schedules() -> None:
     assert not torch.equal(graphed.embedding.weight, embedding_before)  # unfrozen from the fourth epoch
     for a, b in zip(eager.parameters(), graphed.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@needs_cuda
+def test_graph_replay_draws_the_eager_dropout_masks() -> None:
+    """With every kind of dropout on, graphs (captured before training) replayed from a seed train exactly as eager
+    steps from the same seed: captures draw no random numbers, and a replay draws what an eager step draws. So a
+    run that falls back to eager steps (less memory) trains as the graphed run would."""
+    device = torch.device("cuda")
+    options = {"dropout": 0.5, "embedding_dropout": 0.2, "weight_dropout": 0.3, "rnn_input": "fused"}
+    torch.manual_seed(0)
+    eager = LSTMClassifier(80, 8, 16, 2, True, **options).to(device).train()
+    graphed = copy.deepcopy(eager)
+    eager_opt = torch.optim.Adam(eager.parameters(), lr=0.01, capturable=True)
+    graph_opt = torch.optim.Adam(graphed.parameters(), lr=0.01, capturable=True)
+    collate = PadCollator(pad_id=1, fixed_rows=8)
+    batches = [collate(examples(lengths, vocab_size=80, seed=seed))
+               for seed, lengths in enumerate([[40, 33], [5, 5, 5], [37, 38, 3], [120, 64, 100], [6, 2]])]  # fmt: skip
+    step = GraphedTrainStep(graphed, graph_opt, max_grad_norm=1.0)
+    step.capture({tuple(batch["input_ids"].shape) for batch in batches})
+    torch.cuda.manual_seed(7)
+    for batch in batches:
+        step.step(batch)
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    torch.cuda.manual_seed(7)
+    for batch in batches:
+        train_step(eager, eager_opt, {k: v.to(device) for k, v in batch.items()}, totals, 1.0)
+        eager_opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    for a, b in zip(eager.parameters(), graphed.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(step.totals, totals, rtol=1e-5, atol=1e-4)
