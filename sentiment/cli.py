@@ -296,6 +296,7 @@ def evaluate_main(args: list[str], prog: str = "sentiment evaluate") -> int:
     classifier = load_classifier(options["model"], device=options["device"])
     if cfg.prepared:  # token ids made by `sentiment prepare`: no spaCy or datasets needed
         prepared = PreparedData.load(cfg.prepared)
+        prepared.resolve(cfg)  # max_eval_samples cuts the folder's splits as it cuts raw data
         source = prepared.info["dataset"]
         logits = logits_of_prepared(classifier, prepared.splits[split], prepared.tokenizer)
         labels = prepared.splits[split].labels.tolist()

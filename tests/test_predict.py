@@ -313,6 +313,14 @@ def test_evaluate_from_a_prepared_folder(hub_imdb: Path, tmp_path: Path) -> None
     assert figures["count"] == metrics["sizes"]["test"]
     assert figures["accuracy"] == pytest.approx(metrics["test_acc"], abs=1e-9)
     assert figures["loss"] == pytest.approx(metrics["test_loss"], rel=1e-4)
+    # --max_eval_samples cuts the folder's test split as a training run's does: the same 20 reviews
+    cut = train(build_config(None, {**values, "output_dir": str(tmp_path / "cut"), "max_eval_samples": 20}))
+    result = cli("evaluate", "--model", str(tmp_path / "cut" / "best"), "--prepared", str(prepared),
+                 "--max_eval_samples=20", "--output", str(output), "--device", "cpu")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(output.read_text())
+    assert figures["count"] == cut["sizes"]["test"] == 20
+    assert figures["accuracy"] == pytest.approx(cut["test_acc"], abs=1e-9)
 
 
 def test_checkpoint_code_needs_neither_spacy_nor_datasets_to_import() -> None:
