@@ -50,11 +50,15 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     """Batches of reviews of similar length, drawn afresh each epoch, sharded across processes.
 
     Each epoch (``set_epoch``) shuffles the indices with ``seed + epoch``, sorts them by length within chunks of
-    ``chunk_batches`` batches, cuts the chunks into batches and shuffles the batches. Under several processes
-    (``num_replicas``), process ``rank`` takes every ``num_replicas``-th batch. To give every process the same
-    number of batches while still showing every review exactly once, the largest batches are halved until the
-    count divides evenly (so no review is dropped or repeated; only with ``batch_size`` 1 and a count that does
-    not divide are the last few reviews of the epoch left out).
+    ``chunk_batches`` batches and cuts the chunks into batches. Under several processes (``num_replicas``), the
+    batches of one step are neighbours in a chunk's length order, so the processes of a step train on batches of
+    similar length and none waits long for another: each chunk's batches form groups of ``num_replicas``, the
+    groups are shuffled, and process ``rank`` takes the ``rank``-th batch of each group. To give every process
+    the same number of batches while still showing every review exactly once, a chunk's largest batches are
+    halved until its count divides evenly (so no review is dropped or repeated; only with ``batch_size`` 1 and a
+    count that does not divide are the last few reviews of the epoch left out). Batches of one step may so differ
+    in size: ``step_sizes`` gives each step's total, for a loss that weighs every review of a step the same. With
+    one process, the batches are simply shuffled.
     """
 
     def __init__(
@@ -88,24 +92,37 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         self.skip_batches = skip_batches
 
     def global_batches(self, epoch: int | None = None) -> list[np.ndarray]:
-        """The batches of this epoch (or of ``epoch``) for all processes together, in order."""
+        """The batches of this epoch (or of ``epoch``) for all processes together, in order: step after step, the
+        ``num_replicas`` batches of each step one after another."""
         rng = np.random.default_rng([self.seed, self.epoch if epoch is None else epoch])
         order = rng.permutation(len(self.lengths))
-        batches: list[np.ndarray] = []
+        replicas = self.num_replicas
+        groups: list[list[np.ndarray]] = []
+        left: list[np.ndarray] = []  # batches a chunk could not share out evenly (single reviews)
         for start in range(0, len(order), self.chunk_size):
             chunk = order[start : start + self.chunk_size]
             chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
-            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
-        batches = [batches[i] for i in rng.permutation(len(batches))]
-        while len(batches) % self.num_replicas:
-            largest = max(range(len(batches)), key=lambda i: len(batches[i]))
-            if len(batches[largest]) == 1:  # only single reviews left: drop the few that cannot be shared
-                batches = batches[: len(batches) - len(batches) % self.num_replicas]
+            cut = [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+            batches = _even_out(cut, replicas)
+            shared = len(batches) - len(batches) % replicas
+            groups += [batches[i : i + replicas] for i in range(0, shared, replicas)]
+            left += batches[shared:]
+        while len(left) % replicas and groups:  # give up a step of larger batches to share out what is left
+            index = max(range(len(groups)), key=lambda i: max(len(batch) for batch in groups[i]))
+            if max(len(batch) for batch in groups[index]) == 1:
                 break
-            batch = batches.pop(largest)
-            half = math.ceil(len(batch) / 2)
-            batches[largest:largest] = [batch[:half], batch[half:]]
-        return batches
+            left += _even_out(groups.pop(index), replicas + 1)
+        left.sort(key=lambda batch: -int(self.lengths[batch].max()))
+        shared = len(left) - len(left) % replicas  # only single reviews that cannot be shared stay out
+        groups += [left[i : i + replicas] for i in range(0, shared, replicas)]
+        return [batch for index in rng.permutation(len(groups)) for batch in groups[index]]
+
+    def step_sizes(self) -> list[int]:
+        """For each step this process takes (after ``skip_batches``), the reviews all processes train on in it."""
+        batches = self.global_batches()
+        replicas = self.num_replicas
+        sizes = [sum(len(batch) for batch in batches[i : i + replicas]) for i in range(0, len(batches), replicas)]
+        return sizes[self.skip_batches :]
 
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self.global_batches()[self.rank :: self.num_replicas][self.skip_batches :]:
@@ -113,6 +130,19 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return max(len(self.global_batches()) // self.num_replicas - self.skip_batches, 0)
+
+
+def _even_out(batches: list[np.ndarray], replicas: int) -> list[np.ndarray]:
+    """Halve the largest batches (each into two neighbours) until their count divides by ``replicas``, as far as
+    batches of more than one review allow (``replicas`` + 1 on a group of ``replicas``: one halving)."""
+    while len(batches) % replicas:
+        largest = max(range(len(batches)), key=lambda i: len(batches[i]))
+        if len(batches[largest]) == 1:
+            break
+        batch = batches.pop(largest)
+        half = math.ceil(len(batch) / 2)
+        batches[largest:largest] = [batch[:half], batch[half:]]
+    return batches
 
 
 class SortedBatchSampler(Sampler[list[int]]):

@@ -174,6 +174,58 @@ DATA_KEYS = (
 )
 
 
+def _each_key(groups: dict[tuple[str, ...], str]) -> dict[str, str]:
+    return {key: reason for keys, reason in groups.items() for key in keys}
+
+
+# What ``--resume`` does with a key whose value differs from the saved run's config.yaml. A key of
+# RESUME_MAY_CHANGE takes its new value from the resume on (the value says how); a key of RESUME_FIXED refuses
+# the resume, because the saved weights, optimizer or scheduler state, or the finished epochs, follow the saved
+# value (the value says why). Every config key is in exactly one of them; docs/reliability.md lists the first.
+RESUME_MAY_CHANGE: dict[str, str] = _each_key(
+    {
+        ("epochs",): "the run goes on to the new count (not below the epochs done); a learning-rate schedule is "
+        "rebuilt for the new total of steps, its factor continuing from the step reached",
+        ("early_stopping_patience",): "applies from the resume on, over the whole history: a run stopped early "
+        "goes on when the new patience allows it",
+        ("save_steps",): "only how often the state is saved",
+        ("eval_batch_size",): "only how many reviews are evaluated at once",
+        ("num_proc",): "only how many processes tokenize",
+        ("bptt",): "the language model's window, which classifier training does not read",
+        (
+            "output_dir",
+            "overwrite",
+            "resume",
+            "report_to",
+            "project",
+            "run_name",
+            "push_to_hub",
+            "hub_model_id",
+            "hub_private",
+        ): "where and how the run is written, tracked and published",
+    }
+)
+RESUME_FIXED: dict[str, str] = _each_key(
+    {
+        (*DATA_KEYS, "prepared"): "the saved weights were trained, and the best epoch chosen, on the saved data, "
+        "vocabulary and embedding",
+        ("hidden_dim", "n_layers", "bidirectional", "pooling", "reverse", "freeze_embeddings", "init_from"): "the "
+        "saved weights and optimizer state belong to the saved model",
+        ("lr", "optimizer", "weight_decay", "lr_layer_decay"): "the saved optimizer state holds the saved value, "
+        "which would replace the new one unseen",
+        ("lr_schedule", "warmup_ratio", "gradual_unfreezing", "unfreeze_warmup"): "the saved scheduler state and "
+        "the finished steps follow the saved schedule",
+        ("seed", "batch_size"): "the batches of every epoch (and the steps of a schedule) follow it: a run resumed "
+        "mid-epoch would skip other reviews",
+        ("dropout", "embedding_dropout", "weight_dropout", "truncate_bptt", "max_grad_norm"): "the finished "
+        "epochs were trained with the saved value",
+        ("mixed_precision",): "the finished steps ran at the saved precision, and fp16 saves its gradient scaler",
+        ("rnn_input", "cuda_graphs"): "they decide whether steps replay from CUDA graphs, which fixes the form of "
+        "the saved optimizer state",
+    }
+)
+
+
 def _range_problems(cfg: TrainConfig) -> list[str | None]:
     def check(ok: bool, message: str) -> str | None:
         return None if ok else message

@@ -61,6 +61,7 @@ def train_step(
     chunk_tokens: int | None = None,
     backward: Callable[[torch.Tensor], None] | None = None,
     unscale: Callable[[], None] | None = None,
+    denominator: float | None = None,
 ) -> None:
     """One training step, the same for CUDA graphs and for eager runs: loss = mean over the batch's real reviews,
     backward, optional gradient clipping, optimizer step, and ``totals += (loss sum, correct, count)``, all on
@@ -72,8 +73,10 @@ def train_step(
     another, their gradients summed before the one optimizer step (the same step, in less memory; a wrapped
     ``DistributedDataParallel`` model synchronises once, on the last group). ``backward`` replaces
     ``loss.backward()`` (Accelerate's, with its gradient scaler) and ``unscale`` runs before clipping (the scaler's
-    unscaling). A step whose gradients are not finite changes them to zero (``zero_nonfinite_gradients``) and adds
-    1 to ``nonfinite_steps``."""
+    unscaling). ``denominator`` replaces the batch's review count in the mean: under several processes, whose
+    gradients ``DistributedDataParallel`` averages, the step's reviews on all processes over their number, so
+    that every review of the step weighs the same whatever the size of its process's batch. A step whose gradients
+    are not finite changes them to zero (``zero_nonfinite_gradients``) and adds 1 to ``nonfinite_steps``."""
     input_ids, lengths, labels = batch["input_ids"], batch["lengths"], batch["labels"]
     weights = batch.get("weights")
     if weights is None:
@@ -90,11 +93,12 @@ def train_step(
         with contextlib.nullcontext() if last or no_sync is None else no_sync():
             logits = model(input_ids[part], lengths[part]).float()
             per_review = F.binary_cross_entropy_with_logits(logits, labels[part], reduction="none") * weights[part]
-            loss = per_review.sum() / count
+            loss = per_review.sum() / (count if denominator is None else denominator)
             (backward or torch.Tensor.backward)(loss)
         with torch.no_grad():
             part_correct = (((logits > 0).float() == labels[part]).float() * weights[part]).sum()
-            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+            part_sum = per_review.detach().sum()
+            loss_sum = part_sum if loss_sum is None else loss_sum + part_sum
             correct = part_correct if correct is None else correct + part_correct
     if unscale is not None:
         unscale()
@@ -104,7 +108,7 @@ def train_step(
         nonfinite_steps += nonfinite
     optimizer.step()
     with torch.no_grad():
-        totals += torch.stack([loss_sum.double() * count, correct.double(), count.double()])
+        totals += torch.stack([loss_sum.double(), correct.double(), count.double()])
 
 
 @contextlib.contextmanager

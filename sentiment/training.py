@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import AutocastKwargs, broadcast_object_list, gather_object, set_seed
@@ -35,7 +36,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from sentiment.batching import bucket_length, make_dataloader
-from sentiment.config import ConfigError, TrainConfig
+from sentiment.config import RESUME_FIXED, ConfigError, TrainConfig
 from sentiment.graphs import GraphedTrainStep, tokens, train_step
 from sentiment.hub import push_checkpoint, require_push_access, write_model_card
 from sentiment.memory import GiB, StepPlan, plan_steps
@@ -138,6 +139,177 @@ def _check_output_dir(cfg: TrainConfig, output_dir: Path) -> None:
             f"output_dir {output_dir} already holds a run. Pass --resume to continue it, --overwrite to "
             "replace it, or choose another --output_dir"
         )
+
+
+def _flag_text(value: Any) -> str:
+    """A value as a flag takes it: null, true, 0.001."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _read_saved_run(output_dir: Path) -> dict[str, Any]:
+    """What ``--resume`` checks a run against: the saved run's config (``config``; None when the folder holds no
+    config.yaml), the epochs it finished (``epochs_done``; None when the trainer state cannot be read, which the
+    load then reports) and a problem that stops the resume (``error``)."""
+    saved: dict[str, Any] = {"config": None, "epochs_done": None, "error": None}
+    path = output_dir / "config.yaml"
+    if path.is_file():
+        try:
+            saved["config"] = yaml.safe_load(path.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+            saved["error"] = (
+                f"--resume: the saved run's {path} cannot be read ({type(err).__name__}), so the settings cannot be "
+                f"checked against it. Put back an intact copy of it, or start the run over with --overwrite"
+            )
+        if saved["config"] is not None and not isinstance(saved["config"], dict):
+            saved["config"] = None
+    state_dir = _existing_dir(output_dir / "state")
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        saved["epochs_done"] = int(json.loads((state_dir / TRAINER_STATE).read_text())["epoch"])
+    return saved
+
+
+def resume_conflicts(saved: dict[str, Any], epochs_done: int | None, cfg: TrainConfig) -> list[str]:
+    """The changes from the saved run's config ``saved`` (its config.yaml) to ``cfg`` that ``--resume`` cannot
+    honour, one line each: ``key: saved -> new (why)``. A key of ``RESUME_FIXED`` may not change (the saved state
+    or the finished epochs follow the saved value); ``epochs`` may, but not below ``epochs_done``. A key the
+    saved config lacks (a run written before the key existed) counts as the key's default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    conflicts = []
+    for key, new in cfg.to_dict().items():
+        old = saved.get(key, defaults[key])
+        if key == "epochs" and epochs_done is not None and new < epochs_done:
+            conflicts.append(
+                f"epochs: {old} -> {new} ({epochs_done} epochs are done already: pass --epochs of at least "
+                f"{epochs_done})"
+            )
+        elif key in RESUME_FIXED and old != new:
+            conflicts.append(f"{key}: {_flag_text(old)} -> {_flag_text(new)} ({RESUME_FIXED[key]})")
+    return conflicts
+
+
+def _check_resume(accelerator: Accelerator, cfg: TrainConfig, output_dir: Path) -> None:
+    """``--resume``: compare ``cfg`` (the resolved config of the resumed run) with the saved run's config.yaml, key
+    by key, before anything is trained or written. A change the saved state cannot honour (``resume_conflicts``)
+    is a ``ConfigError`` listing every such key, its saved and new values and the two ways on; the changes that
+    may happen (``RESUME_MAY_CHANGE``) are logged. The main process reads the saved files (another host may
+    have no copy of the run folder) and sends them to the others, so every process decides alike."""
+    received = [_read_saved_run(output_dir) if accelerator.is_main_process else None]
+    broadcast_object_list(received)
+    saved = received[0]
+    if saved["error"]:
+        raise ConfigError(saved["error"])
+    if saved["config"] is None:
+        if accelerator.is_main_process:
+            logger.warning("--resume: %s has no config.yaml; the settings are not checked against it", output_dir)
+        return
+    conflicts = resume_conflicts(saved["config"], saved["epochs_done"], cfg)
+    if conflicts:
+        keys = [line.split(":", 1)[0] for line in conflicts]
+        as_saved = " ".join(f"--{key}={_flag_text(saved['config'].get(key))}" for key in keys if key in saved["config"])
+        raise ConfigError(
+            f"--resume: the run in {output_dir} cannot continue with these settings (saved -> new):\n  "
+            + "\n  ".join(conflicts)
+            + f"\nTo continue the saved run, drop these flags (or pass its values: {as_saved}); to train with the "
+            "new settings, start over: the same command with --overwrite instead of --resume, or a new --output_dir"
+        )
+    changed = {
+        key: (saved["config"].get(key), value)
+        for key, value in cfg.to_dict().items()
+        if key in saved["config"] and key not in ("resume", "overwrite") and saved["config"][key] != value
+    }
+    if changed and accelerator.is_main_process:
+        logger.info(
+            "resume with settings changed from the saved run: %s",
+            ", ".join(f"{key} {_flag_text(old)} -> {_flag_text(new)}" for key, (old, new) in changed.items()),
+        )
+
+
+def lr_factors(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> list[LRFactor]:
+    """One ``LRFactor`` per parameter group of ``optimizer`` (by its ``depth``), over ``cfg.epochs`` epochs of
+    ``steps_per_epoch`` optimizer steps: the ``LambdaLR`` of a run."""
+    total = cfg.epochs * steps_per_epoch
+    return [LRFactor(cfg, total, steps_per_epoch, group["depth"]) for group in optimizer.param_groups]
+
+
+def _rebuild_schedule(
+    scheduler: torch.optim.lr_scheduler.LambdaLR, factors: list[LRFactor], epochs: int, log: bool
+) -> None:
+    """After ``--resume``: the restored scheduler brings back the saved run's factors (``LambdaLR`` saves a
+    callable's attributes), whose total of steps is the saved run's. When this run's ``factors`` differ (more or
+    fewer epochs), they replace them, and each group's learning rate becomes its factor at the step reached: from
+    there on the rate follows the schedule of a run of the new length (warm-up included, a share of the new total)."""
+    restored = scheduler.lr_lambdas
+    if all(vars(old) == vars(new) for old, new in zip(restored, factors, strict=True)):
+        return
+    step = scheduler.last_epoch  # optimizer steps done
+    was = scheduler.base_lrs[0] * restored[0](step)
+    scheduler.lr_lambdas = factors
+    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, factors, strict=True):
+        if torch.is_tensor(group["lr"]):  # CUDA graphs read the rate from this tensor
+            group["lr"].fill_(base * factor(step))
+        else:
+            group["lr"] = base * factor(step)
+    if log:
+        logger.info(
+            "lr schedule rebuilt for %d epochs: %d steps in all (was %d); from step %d the lr is %.4g (was %.4g)",
+            epochs, factors[0].total, restored[0].total, step, scheduler.base_lrs[0] * factors[0](step), was,
+        )  # fmt: skip
+
+
+def _resume_early_stop(state: dict[str, Any], cfg: TrainConfig, log: bool) -> None:
+    """After ``--resume``: whether the run stops early, under this run's ``early_stopping_patience`` and ``epochs``
+    over the saved history (the same test as at the end of an epoch), so a changed patience takes effect now."""
+    patience, done, best = cfg.early_stopping_patience, state["epoch"], state["best_epoch"]
+    stop = patience is not None and best is not None and done - best >= patience and done < cfg.epochs
+    if log and stop != bool(state.get("stopped_early")):
+        if stop:
+            logger.info("early stop: no better validation accuracy for %d epochs", patience)
+        else:
+            logger.info("early_stopping_patience %s: the run that stopped early goes on", _flag_text(patience))
+    state["stopped_early"] = stop
+    if log and (stop or done >= cfg.epochs):
+        logger.info("nothing left to train: %d of %d epochs done", done, cfg.epochs)
+
+
+def load_best_weights(model: torch.nn.Module, path: Path | None) -> None:
+    """Load the weights of ``path`` (a ``model.safetensors``) into ``model`` on every process, reading the file on
+    the main process only: rank 0 of the process group (or the only process) sends them to the others, which may
+    have no copy of the run folder (several hosts with their own disks). Elsewhere ``path`` is not read and may be
+    None. When the main process cannot load them, it raises its error and the others a ``RuntimeError``."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        model.load_state_dict(load_file(path))
+        return
+    expected = model.state_dict()
+    device = next(iter(expected.values())).device  # NCCL sends from the process's GPU, gloo from the CPU
+    loaded, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            loaded = load_file(path)
+            model.load_state_dict(loaded)
+        except Exception as err:  # the others must hear of it, not wait for weights that never come
+            error = err
+    ok = torch.tensor(float(error is None), device=device)
+    dist.broadcast(ok, src=0)
+    if error is not None:
+        raise error
+    if not ok.item():
+        raise RuntimeError("the main process could not load the best weights (its error says why)")
+    received = {}
+    for key, like in expected.items():
+        tensor = (
+            loaded[key].to(device=device, dtype=like.dtype).contiguous()
+            if loaded is not None
+            else torch.empty_like(like, device=device, memory_format=torch.contiguous_format)
+        )
+        dist.broadcast(tensor, src=0)
+        received[key] = tensor
+    if loaded is None:
+        model.load_state_dict(received)
 
 
 def _setup_wandb(cfg: TrainConfig, output_dir: Path, run_id: str | None) -> dict[str, Any]:
@@ -248,15 +420,21 @@ def train_epoch(
         totals += torch.tensor(partial_totals, dtype=torch.float64, device=device)
     # fp16: true gradients before clipping; the scaler then skips overflowed steps
     unscale = accelerator.unscale_gradients if accelerator.scaler is not None else None
+    # Several processes: each step's loss is divided by the reviews of all its batches over the process count, so
+    # that DDP's average weighs every review the same, also in a step whose batches differ in size.
+    processes = accelerator.num_processes
+    step_sizes = loader.batch_sampler.step_sizes() if processes > 1 else None
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not accelerator.is_main_process, leave=False)
     for step, batch in enumerate(bar, start=start_step):
         if graph_step is not None:
             graph_step.step(batch)
         else:
             on_device = {key: value.to(device, non_blocking=True) for key, value in batch.items() if key != "lengths"}
+            denominator = step_sizes[step - start_step] / processes if step_sizes else None
             train_step(
                 model, optimizer, {**on_device, "lengths": batch["lengths"]}, totals, cfg.max_grad_norm,
                 nonfinite_steps, chunk_tokens=chunk_tokens, backward=accelerator.backward, unscale=unscale,
+                denominator=denominator,
             )  # fmt: skip
             optimizer.zero_grad(set_to_none=True)
         if scheduler is not None:
@@ -516,6 +694,8 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
     with accelerator.main_process_first():
         data = PreparedData.load(cfg.prepared) if cfg.prepared else prepare_data(cfg)
     resolved, embeddings = data.resolve(dataclasses.replace(cfg, output_dir=str(output_dir)))
+    if cfg.resume:  # before anything is written: config.yaml then records what this run does
+        _check_resume(accelerator, resolved, output_dir)
     if accelerator.is_main_process:
         with _saving(output_dir, output_dir / "config.yaml"):
             resolved.save(output_dir / "config.yaml")
@@ -570,11 +750,9 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
     scheduler = None
     if cfg.lr_schedule != "constant" or cfg.gradual_unfreezing:
         steps_per_epoch = len(train_loader.batch_sampler.global_batches()) // accelerator.num_processes
-        factors = [
-            LRFactor(cfg, cfg.epochs * steps_per_epoch, steps_per_epoch, group["depth"])
-            for group in optimizer.optimizer.param_groups
-        ]
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, factors)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer.optimizer, lr_factors(cfg, optimizer.optimizer, steps_per_epoch)
+        )
         accelerator.register_for_checkpointing(scheduler)  # saved with the state, restored by --resume
 
     stop = StopSignal()
@@ -594,6 +772,10 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
         for group in optimizer.param_groups:  # a scheduled lr for graphs is a tensor: keep it on the device
             if torch.is_tensor(group["lr"]):
                 group["lr"] = group["lr"].to(accelerator.device)
+        if scheduler is not None:  # restored with the saved run's total of steps: follow this run's epochs
+            factors = lr_factors(cfg, optimizer.optimizer, steps_per_epoch)
+            _rebuild_schedule(scheduler, factors, cfg.epochs, log=accelerator.is_main_process)
+        _resume_early_stop(state, cfg, log=accelerator.is_main_process)
     plan = None  # on a GPU, chosen after a resume has loaded the optimizer's state: graphs hold its tensors
     if accelerator.device.type == "cuda":
         plan = _plan_memory(cfg, accelerator, model, optimizer, train_loader, data, use_graphs, state["epoch"])
@@ -680,9 +862,10 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
     if graph_step is not None:  # training is over: give the graphs' memory back before testing
         graph_figures = {"shapes": len(graph_step.graphs), "capture_seconds": graph_step.capture_seconds}
         graph_step.close()
-    best_dir = _existing_dir(output_dir / "best")
     unwrapped = accelerator.unwrap_model(model)
-    unwrapped.load_state_dict(load_file(best_dir / "model.safetensors"))
+    # Only the main process wrote best/ (other hosts may have their own disks): it reads and sends the weights.
+    best_dir = _existing_dir(output_dir / "best") if accelerator.is_main_process else None
+    load_best_weights(unwrapped, best_dir / "model.safetensors" if best_dir is not None else None)
     test = evaluate(unwrapped, test_loader, accelerator, keep_logits=True, max_tokens=eval_tokens)
     valid_logits = evaluate(unwrapped, valid_loader, accelerator, keep_logits=True, max_tokens=eval_tokens)["logits"]
     best = state["history"][state["best_epoch"] - 1]

@@ -359,3 +359,56 @@ def test_load_rejects_incomplete_folders(prepared: PreparedData, tmp_path: Path)
     (folder / "validation.parquet").unlink()
     with pytest.raises(PreparedDataError, match=r"validation\.parquet"):
         PreparedData.load(folder)
+
+
+def _ddp_step(rank: int, folder: str, weighted: bool) -> None:
+    """One DDP training step on two gloo processes: rank 0 trains on 4 reviews, rank 1 on 2 (a halved batch)."""
+    import torch.distributed as dist
+
+    from sentiment.graphs import train_step
+    from sentiment.model import LSTMClassifier
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = LSTMClassifier(40, 6, 5, 1, True, dropout=0.0).double()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        reviews = _six_reviews()
+        mine = reviews[:4] if rank == 0 else reviews[4:]
+        batch = PadCollator(pad_id=1)(mine)
+        batch["labels"] = batch["labels"].double()
+        totals = torch.zeros(3, dtype=torch.float64)
+        train_step(ddp, optimizer, batch, totals, denominator=6 / 2 if weighted else None)
+        torch.save([p.detach() for p in model.parameters()], f"{folder}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _six_reviews() -> list[tuple[np.ndarray, int]]:
+    rng = np.random.default_rng(3)
+    lengths, labels = [9, 8, 8, 7, 3, 2], [1, 0, 1, 1, 0, 0]
+    return [(rng.integers(2, 40, length), label) for length, label in zip(lengths, labels, strict=True)]
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_two_processes_weigh_every_review_of_a_step_the_same(tmp_path: Path, weighted: bool) -> None:
+    """Two processes whose batches of one step differ in size (4 and 2 reviews) take the step of one process on
+    all 6 reviews when each loss is divided by the step's reviews over the process count; a plain mean per process
+    (the halved batch's reviews weighing twice) does not."""
+    import torch.multiprocessing as mp
+
+    from sentiment.graphs import train_step
+    from sentiment.model import LSTMClassifier
+
+    mp.spawn(_ddp_step, args=(str(tmp_path), weighted), nprocs=2, join=True)
+    torch.manual_seed(0)
+    model = LSTMClassifier(40, 6, 5, 1, True, dropout=0.0).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    batch = PadCollator(pad_id=1)(_six_reviews())
+    batch["labels"] = batch["labels"].double()
+    train_step(model, optimizer, batch, torch.zeros(3, dtype=torch.float64))
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*ranks, strict=True))  # DDP: the same weights on both
+    same = all(torch.allclose(a, b, rtol=1e-10, atol=1e-12) for a, b in zip(ranks[0], model.parameters(), strict=True))
+    assert same == weighted

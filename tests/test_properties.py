@@ -8,6 +8,7 @@ the minimal counterexamples of known bugs are pinned with ``@example`` instead.
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 from collections import Counter
 
@@ -290,9 +291,10 @@ def sampler_args(draw: st.DrawFn) -> dict:
 @example({"lengths": [1, 2, 3], "batch_size": 64, "seed": 0, "chunk_batches": 1, "num_replicas": 3}, 0)
 @given(sampler_args(), st.integers(0, 1000))
 def test_length_grouped_sampler(args: dict, epoch: int) -> None:
-    """Every index once over all ranks (batch_size 1 with n % num_replicas != 0: exactly the last n % num_replicas
-    reviews of the single-process order are left out), equal batch counts, len() right, batches non-empty, at
-    most batch_size, sorted longest first, and the same batches for the same (seed, epoch)."""
+    """Every index once over all ranks (batch_size 1 with n % num_replicas != 0: n % num_replicas reviews are left
+    out), equal batch counts, len() right, batches non-empty, at most batch_size, sorted longest first, the
+    batches of a step neighbours in length, step_sizes their totals, and the same batches for the same
+    (seed, epoch)."""
     lengths, batch_size, replicas = np.asarray(args["lengths"]), args["batch_size"], args["num_replicas"]
     n = len(lengths)
     samplers = [LengthGroupedBatchSampler(**args, rank=rank) for rank in range(replicas)]
@@ -315,13 +317,19 @@ def test_length_grouped_sampler(args: dict, epoch: int) -> None:
     assert len(counts) == n - dropped
     assert set(counts) <= set(range(n))
 
-    # Sharding only halves batches in place (or, with batch_size 1, drops the tail) of the single-process order.
+    # The batches of one step are neighbours in a chunk's length order (each one's shortest review at least as long
+    # as the next one's longest), but for at most one step per chunk made of what chunks could not share out.
+    apart = 0
+    for step in range(0, len(global_batches), replicas):
+        group = global_batches[step : step + replicas]
+        apart += any(min(lengths[a]) < max(lengths[b]) for a, b in itertools.pairwise(group))
+    assert apart <= -(-n // (batch_size * args["chunk_batches"])), apart
     single = LengthGroupedBatchSampler(args["lengths"], batch_size, args["seed"], args["chunk_batches"])
     single.set_epoch(epoch)
-    single_batches = single.global_batches()
-    assert flat(global_batches) == flat(single_batches)[: n - dropped]
-    if not dropped:
-        assert len(global_batches) == -(-len(single_batches) // replicas) * replicas
+    assert sorted(flat(global_batches)) == sorted(flat(single.global_batches()))[: n - dropped] or dropped
+    steps = samplers[rank].step_sizes()
+    assert len(steps) == len(per_rank[0])
+    assert steps == [sum(len(batches[step]) for batches in per_rank) for step in range(len(steps))]
 
     # Deterministic per (seed, epoch): a fresh sampler, and the same sampler after another epoch.
     again = LengthGroupedBatchSampler(**args, rank=replicas - 1)

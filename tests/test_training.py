@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +22,7 @@ import yaml
 from conftest import REAL_IMDB
 from tokenizers import Tokenizer
 
-from sentiment.config import ConfigError, TrainConfig, build_config
+from sentiment.config import RESUME_FIXED, RESUME_MAY_CHANGE, ConfigError, TrainConfig, build_config, config_keys
 from sentiment.data import load_imdb, split_imdb
 from sentiment.model import LSTMClassifier
 from sentiment.prepare import PreparedData, PreparedDataError, prepare_data
@@ -146,6 +150,102 @@ def test_refuses_to_overwrite_a_run(trained_run: tuple[TrainConfig, Path, dict],
 def test_resume_without_state_is_an_error(hub_imdb: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no saved state"):
         train(tiny_config(hub_imdb, tmp_path / "fresh", resume=True))
+
+
+@pytest.fixture(scope="module")
+def one_cosine_epoch(hub_imdb: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder of a run of one epoch (9 steps) under a cosine schedule; tests resume copies of it."""
+    output_dir = tmp_path_factory.mktemp("runs") / "cosine"
+    train(tiny_config(hub_imdb, output_dir, epochs=1, lr_schedule="cosine"))
+    return output_dir
+
+
+def folder_contents(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+def test_resume_with_more_epochs_rebuilds_the_lr_schedule(
+    one_cosine_epoch: Path, hub_imdb: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:  # fmt: skip
+    """One epoch under a cosine schedule, then --epochs=3 --resume: the schedule (whose factor had reached 0 at the
+    end of the saved run's 9 steps) is rebuilt for 27 steps from step 9, so epochs 2 and 3 train and differ; the
+    run's config.yaml says 3 epochs."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(one_cosine_epoch, run_dir)
+    applied = []  # the head's learning rate at each optimizer step
+    adam_step = torch.optim.Adam.step
+
+    def recording_step(self: torch.optim.Adam, *args: object, **kwargs: object) -> object:
+        applied.append(float(self.param_groups[0]["lr"]))
+        return adam_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    with caplog.at_level(logging.INFO, logger="sentiment.training"):
+        metrics = train(tiny_config(hub_imdb, run_dir, epochs=3, lr_schedule="cosine", resume=True))
+    assert "lr schedule rebuilt for 3 epochs: 27 steps in all (was 9)" in caplog.text
+    assert len(applied) == 18
+    assert applied[0] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 9 / 27)))  # 0.0075
+    assert min(applied[:9]) > 0  # epoch 2
+    valid_losses = [h["valid_loss"] for h in metrics["history"]]
+    assert len(valid_losses) == 3 and len(set(valid_losses)) == 3
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["epochs"] == 3
+
+
+def test_resume_refuses_settings_the_saved_state_cannot_follow(
+    one_cosine_epoch: Path, hub_imdb: Path, tmp_path: Path
+) -> None:
+    """A model shape or an optimizer setting changed on --resume: a ConfigError before any work, naming every
+    changed key with its saved and new values and the ways on; the run folder is left as it was."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(one_cosine_epoch, run_dir)
+    before = folder_contents(run_dir)
+    changed = tiny_config(hub_imdb, run_dir, epochs=3, lr_schedule="cosine", resume=True, hidden_dim=8, lr=0.02)
+    with pytest.raises(ConfigError) as refused:
+        train(changed)
+    message = str(refused.value)
+    for text in ("hidden_dim: 16 -> 8", "lr: 0.01 -> 0.02", "--hidden_dim=16 --lr=0.01", "--overwrite", "--output_dir"):
+        assert text in message, text
+    assert "epochs" not in message  # a change that may happen
+    assert folder_contents(run_dir) == before
+
+
+def test_resume_accepts_a_new_early_stopping_patience(
+    one_cosine_epoch: Path, hub_imdb: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """early_stopping_patience may change on --resume; config.yaml records the new value. (The saved run's one
+    epoch is all it asks for: nothing is left to train, the best model is tested again.)"""
+    run_dir = tmp_path / "run"
+    shutil.copytree(one_cosine_epoch, run_dir)
+    with caplog.at_level(logging.INFO, logger="sentiment.training"):
+        metrics = train(
+            tiny_config(hub_imdb, run_dir, epochs=1, lr_schedule="cosine", resume=True, early_stopping_patience=2)
+        )
+    assert "early_stopping_patience null -> 2" in caplog.text
+    assert "nothing left to train: 1 of 1 epochs done" in caplog.text
+    assert len(metrics["history"]) == 1
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["early_stopping_patience"] == 2
+
+
+def test_resume_refuses_fewer_epochs_than_done(
+    trained_run: tuple[TrainConfig, Path, dict], hub_imdb: Path, tmp_path: Path
+) -> None:
+    """--epochs below the epochs a saved run has finished cannot be honoured: a ConfigError saying the least."""
+    _, output_dir, _ = trained_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(output_dir, run_dir)
+    before = folder_contents(run_dir)
+    with pytest.raises(ConfigError, match=r"epochs: 3 -> 2 \(3 epochs are done already: pass --epochs of at least 3"):
+        train(tiny_config(hub_imdb, run_dir, epochs=2, resume=True))
+    assert folder_contents(run_dir) == before
+
+
+def test_every_config_key_has_a_resume_rule() -> None:
+    """Each config key may change on --resume or may not, never both; docs/reliability.md lists those that may."""
+    may_change, fixed = set(RESUME_MAY_CHANGE), set(RESUME_FIXED)
+    assert may_change | fixed == set(config_keys()) and not may_change & fixed
+    docs = (Path(__file__).parents[1] / "docs" / "reliability.md").read_text()
+    section = docs.split("## Settings that may change on --resume", 1)[1].split("\n## ", 1)[0]
+    assert set(re.findall(r"^\| `(\w+)`", section, flags=re.MULTILINE)) == may_change
 
 
 def test_overwrite_replaces_a_run(hub_imdb: Path, tmp_path: Path) -> None:
