@@ -106,6 +106,45 @@ def test_two_processes_share_the_work_and_count_each_example_once(hub_imdb: Path
         assert float(np.mean((saved["logits"] > 0) == saved["labels"])) == pytest.approx(metrics["test_acc"])
 
 
+def _load_best_in_process(rank: int, folders: list[str], rendezvous: str, expected: dict) -> None:
+    """One process of a gloo group: a model of its own random weights loads the best weights from its own folder,
+    where only the first process's folder holds them (another host's disk holds no copy of the run)."""
+    import torch
+    import torch.distributed as dist
+
+    from sentiment.model import LSTMClassifier
+    from sentiment.training import load_best_weights
+
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(100 + rank)
+        model = LSTMClassifier(vocab_size=40, embedding_dim=6, hidden_dim=5, n_layers=2, bidirectional=True)
+        load_best_weights(model, Path(folders[rank]) / "model.safetensors")
+        for key, tensor in model.state_dict().items():
+            assert torch.equal(tensor, expected[key]), f"process {rank}: {key}"
+    finally:
+        dist.destroy_process_group()
+
+
+def test_best_weights_reach_a_process_without_the_file(tmp_path: Path) -> None:
+    """Several hosts with their own disks: only the main process can read best/. load_best_weights reads it there
+    and sends the weights, so both processes of a real gloo group end with them."""
+    import torch
+    import torch.multiprocessing as mp
+
+    from sentiment.model import LSTMClassifier
+
+    torch.manual_seed(0)
+    best = LSTMClassifier(vocab_size=40, embedding_dim=6, hidden_dim=5, n_layers=2, bidirectional=True)
+    folders = [tmp_path / "main", tmp_path / "other"]
+    best.save_pretrained(folders[0])
+    folders[1].mkdir()
+    assert not (folders[1] / "model.safetensors").exists()
+    expected = {key: tensor.clone() for key, tensor in best.state_dict().items()}
+    args = ([str(folder) for folder in folders], str(tmp_path / "rendezvous"), expected)
+    mp.spawn(_load_best_in_process, args=args, nprocs=2, join=True)
+
+
 def test_bad_config_key_exits_with_a_clear_message(hub_imdb: Path) -> None:
     result = sentiment("train", "--dataset", str(hub_imdb), "--hiden_dim=5", check=False)
     assert result.returncode == 2
