@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from datasets import ClassLabel, DatasetDict, Features, Value
 
-from sentiment.prepare import TEST_IN_FILE_ORDER, sample_rows
+from sentiment.sampling import TEST_IN_FILE_ORDER, sample_rows
 
 logger = logging.getLogger(__name__)
 
