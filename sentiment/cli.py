@@ -115,7 +115,8 @@ def _setup_logging() -> None:
 def train_main(args: list[str], prog: str = "sentiment train") -> int:
     """``sentiment train`` / ``scripts/train.py``."""
     cfg = _trainer_config("train", args, prog)
-    from sentiment.training import SaveError, TrainingStopped, train
+    from sentiment.checkpoint import SaveError
+    from sentiment.training import TrainingStopped, train
 
     try:
         train(cfg)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import importlib.util
 import os
 import typing
 from collections.abc import Iterable, Sequence
@@ -65,7 +64,7 @@ class TrainConfig:
     n_layers: int = _key(1, "model", "stacked LSTM layers")
     dropout: float = _key(0.5, "model", "dropout on embeddings, between layers, before the output")
     bidirectional: bool = _key(False, "model", "BiLSTM: read reviews in both directions")
-    rnn_input: Literal["auto", "packed", "padded", "fused", "triton"] = _key(
+    rnn_input: Literal["auto", "packed", "padded", "fused"] = _key(
         "auto", "model", "LSTM code path (auto: fused on GPU, padded on CPU)"
     )
     cuda_graphs: bool = _key(True, "model", "replay training steps from CUDA graphs (one GPU)")
@@ -102,6 +101,11 @@ class TrainConfig:
     bptt: int = _key(70, "language model", "language model's window in tokens (pretrain)")
     max_grad_norm: float | None = _key(None, "training", "clip gradients to this norm; null: no clipping")
     save_steps: int | None = _key(None, "training", "also save the state every N steps; null: per epoch")
+    # A BiLSTM step of the config's longest batch (128 x 2,304 tokens) needs 10 GiB on a GPU: batches of more tokens
+    # than this run as groups of rows whose gradients add up before the one optimizer step (the same update).
+    max_step_tokens: int | None = _key(
+        131072, "training", "most tokens (rows x length) per forward/backward, else groups of rows; null: any"
+    )
     # None: the launcher's choice (`accelerate launch --mixed_precision bf16` sets ACCELERATE_MIXED_PRECISION),
     # else "no"; TrainConfig.resolve_mixed_precision() makes it concrete when a run starts (config.yaml says what ran).
     mixed_precision: Literal["no", "fp16", "bf16"] | None = _key(
@@ -189,6 +193,7 @@ RESUME_MAY_CHANGE: dict[str, str] = _each_key(
         ("early_stopping_patience",): "applies from the resume on, over the whole history: a run stopped early "
         "goes on when the new patience allows it",
         ("save_steps",): "only how often the state is saved",
+        ("max_step_tokens",): "only how much memory a step takes: the same update, in groups of rows",
         ("eval_batch_size",): "only how many reviews are evaluated at once",
         ("num_proc",): "only how many processes tokenize",
         ("bptt",): "the language model's window, which classifier training does not read",
@@ -250,13 +255,9 @@ def _range_problems(cfg: TrainConfig) -> list[str | None]:
             f"truncate_bptt must be 0 (off) or >= 2 steps (got {cfg.truncate_bptt})",
         ),
         check(
-            cfg.truncate_bptt == 0 or cfg.rnn_input not in ("packed", "triton"),
+            cfg.truncate_bptt == 0 or cfg.rnn_input != "packed",
             f"truncate_bptt needs the padded or fused path (rnn_input {cfg.rnn_input} runs each review in one call "
             "and cannot detach the state between chunks); use rnn_input auto, padded or fused, or truncate_bptt: 0",
-        ),
-        check(
-            cfg.rnn_input != "triton" or importlib.util.find_spec("triton") is not None,
-            "rnn_input triton needs the triton package: pip install triton (or use rnn_input: auto)",
         ),
         check(0 < cfg.lr_layer_decay <= 1, f"lr_layer_decay must be in (0, 1] (got {cfg.lr_layer_decay})"),
         check(cfg.bptt >= 2, f"bptt must be >= 2 (got {cfg.bptt})"),
@@ -289,6 +290,10 @@ def _range_problems(cfg: TrainConfig) -> list[str | None]:
         ),
         check(cfg.num_proc is None or cfg.num_proc >= 1, f"num_proc must be >= 1 (got {cfg.num_proc})"),
         check(cfg.save_steps is None or cfg.save_steps >= 1, f"save_steps must be >= 1 (got {cfg.save_steps})"),
+        check(
+            cfg.max_step_tokens is None or cfg.max_step_tokens >= 1,
+            f"max_step_tokens must be >= 1, or null for no limit (got {cfg.max_step_tokens})",
+        ),
         check(not (cfg.resume and cfg.overwrite), "resume and overwrite exclude each other: pick one"),
         check(
             not cfg.push_to_hub or bool(cfg.hub_model_id),

@@ -175,7 +175,8 @@ class GraphedTrainStep:
     (Accelerate wraps ``forward`` in autocast; build the autocast with ``cache_enabled=False``, as graphs need).
 
     ``capture(shapes)`` captures the given shapes before training, largest first, so that the one memory pool
-    they share is sized by the largest; a shape met later is captured on first use.
+    they share is sized by the largest; a shape met later is captured on first use. ``chunk_tokens``: batches of
+    more tokens run as groups of rows within the graph (see ``train_step``).
     """
 
     def __init__(
@@ -183,6 +184,7 @@ class GraphedTrainStep:
         model: LSTMClassifier,
         optimizer: torch.optim.Optimizer,
         max_grad_norm: float | None = None,
+        chunk_tokens: int | None = None,
     ) -> None:
         device = next(model.parameters()).device
         if device.type != "cuda":
@@ -192,6 +194,7 @@ class GraphedTrainStep:
         self.model = model
         self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
+        self.chunk_tokens = chunk_tokens
         self.device = device
         self.totals = torch.zeros(3, dtype=torch.float64, device=device)
         self.nonfinite_steps = torch.zeros((), dtype=torch.int64, device=device)
@@ -228,21 +231,27 @@ class GraphedTrainStep:
             self._init_optimizer_state()
         inputs = dummy_batch(shape, self.model.pad_id, self.device)
         graph = torch.cuda.CUDAGraph()
+        options = {"chunk_tokens": self.chunk_tokens}
         with unchanged(self.model, self.optimizer):
             saved_totals = (self.totals.clone(), self.nonfinite_steps.clone())
-            # Warm up on a side stream (cuDNN and the allocator settle); its memory goes back before the capture,
-            # so that the pool and the warm-up's cache never hold memory at the same time.
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
+            if not self.graphs:
+                # The first capture only: one step on a side stream, so that cuDNN, cuBLAS and the allocator set
+                # themselves up outside the capture. Later shapes need no warm-up, whose memory (a whole step, in the
+                # ordinary cache) would otherwise add to the pool's.
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    train_step(self.model, self.optimizer, inputs, self.totals, self.max_grad_norm, **options)
+                torch.cuda.current_stream(self.device).wait_stream(side)
                 self.optimizer.zero_grad(set_to_none=True)
-                train_step(self.model, self.optimizer, inputs, self.totals, self.max_grad_norm, self.nonfinite_steps)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            self.optimizer.zero_grad(set_to_none=True)
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
+                torch.cuda.synchronize(self.device)
+                torch.cuda.empty_cache()
             with torch.cuda.graph(graph, pool=self.pool):
-                train_step(self.model, self.optimizer, inputs, self.totals, self.max_grad_norm, self.nonfinite_steps)
+                train_step(
+                    self.model, self.optimizer, inputs, self.totals, self.max_grad_norm, self.nonfinite_steps,
+                    **options,
+                )  # fmt: skip
             # The graph's gradients stay in the pool as the parameters' .grad; dropping them lets the next capture
             # reuse that memory (each replay writes its gradients before it reads them).
             self.totals.copy_(saved_totals[0])

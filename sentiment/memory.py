@@ -6,8 +6,11 @@ fastest way that fits, and keeps it for the whole run:
 
 1. ``graphs``: every batch shape captured as a CUDA graph, largest first, in one shared memory pool;
 2. ``eager``: the same fixed-shape steps run one by one (no pool kept between steps);
-3. ``eager, split``: as 2, with batches of more than ``chunk_tokens`` tokens run as several groups of rows whose
-   gradients add up before the one optimizer step (the same update, in less memory).
+3. ``eager, split``: as 2, with batches run as groups of fewer rows than that.
+
+In every mode a batch of more than ``max_step_tokens`` tokens (rows x length) runs as several groups of rows whose
+gradients add up before the one optimizer step: the same update, in the memory of a group. A BiLSTM step of the
+report's config on its longest batch (128 x 2,304 tokens) needs 10 GiB of GPU memory whole (H100, 2026-12-07).
 
 Evaluation runs beside whatever training keeps (the graphs' pool), so its batches are cut into pieces of at
 most ``eval_tokens`` tokens, checked the same way. Trials leave the weights, the optimizer and the random number
@@ -21,6 +24,7 @@ figures (``torch.cuda.max_memory_reserved``) and out-of-memory errors are the me
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,8 +46,9 @@ class MemoryPlanError(ConfigError):
 
 @dataclass
 class StepPlan:
-    """How training steps and evaluation run: ``mode`` is ``graphs``, ``eager`` or ``eager, split``;
-    ``chunk_tokens`` the most tokens one forward/backward takes (``eager, split`` only); ``eval_tokens`` the most
+    """How training steps and evaluation run: ``mode`` is ``graphs``, ``eager`` or ``eager, split`` (groups of
+    fewer rows than ``max_step_tokens`` allows); ``chunk_tokens`` the most tokens one forward/backward takes (None:
+    any); ``eval_tokens`` the most
     tokens one evaluation forward takes; ``reserved_gib`` the GPU memory reserved once the plan was in place;
     ``graph_step`` the captured graphs (``graphs`` only); ``seconds`` the time the choice took (captures included)."""
 
@@ -59,11 +64,25 @@ class StepPlan:
         what = {
             "graphs": "CUDA graphs",
             "eager": "eager steps (CUDA graphs do not fit)",
-            "eager, split": f"eager steps, batches of more than {self.chunk_tokens:,} tokens split into groups of rows",
+            "eager, split": "eager steps, more split than max_step_tokens asks (a whole group does not fit)",
         }[self.mode]
+        if self.chunk_tokens:
+            what += f"; batches of more than {self.chunk_tokens:,} tokens in groups of rows"
         shapes = f" ({len(self.graph_step.graphs)} batch shapes)" if self.graph_step is not None else ""
         evaluation = f"; evaluation in pieces of <= {self.eval_tokens:,} tokens" if self.eval_tokens else ""
         return f"memory plan: {what}{shapes}{evaluation}; {self.reserved_gib:.2f} GiB of GPU memory reserved"
+
+
+def use_expandable_segments() -> None:
+    """Let PyTorch's CUDA caching allocator grow its memory segments in place (``expandable_segments``), unless
+    ``PYTORCH_CUDA_ALLOC_CONF`` already says how to allocate. Then the graphs of many batch shapes fit in the pool
+    of the largest: on an H100, ten BiLSTM shapes sharing one pool held 13.5 GiB this way and 20.0 GiB without
+    (``benchmarks/results/h100-2026-12-07/graph-pool.txt``); eager steps of changing shapes fragment less too."""
+    if not torch.cuda.is_available() or "PYTORCH_CUDA_ALLOC_CONF" in os.environ:
+        return
+    settings = getattr(torch.cuda.memory, "_set_allocator_settings", None)
+    if settings is not None:
+        settings("expandable_segments:True")
 
 
 def _available_gib(device: torch.device) -> float:
@@ -139,35 +158,40 @@ def plan_steps(
     graphs: bool,
     max_grad_norm: float | None,
     pad_id: int,
+    max_step_tokens: int | None = None,
 ) -> StepPlan:
     """Choose how training steps run on the model's GPU (see the module's docstring): ``train_shapes`` are every
     (rows, length) of the run's training batches, ``eval_shape`` the largest evaluation batch; ``graphs`` whether
-    CUDA graphs may be used (``optimizer`` then built ``capturable``). Raises :class:`MemoryPlanError` if not one
-    review of the longest batch fits."""
+    CUDA graphs may be used (``optimizer`` then built ``capturable``); ``max_step_tokens`` the most tokens one
+    forward/backward may take in any mode (larger batches run in groups of rows). Raises
+    :class:`MemoryPlanError` if not one review of the longest batch fits."""
     device = next(model.parameters()).device
     largest = max(train_shapes, key=lambda shape: (tokens(shape), shape))
+    rows, steps = largest
+    capped = max_step_tokens is not None and tokens(largest) > max_step_tokens
+    chunk_tokens = max_step_tokens if capped else None
     torch.cuda.empty_cache()
     if graphs:
-        graph_step = GraphedTrainStep(model, optimizer, max_grad_norm)
+        graph_step = GraphedTrainStep(model, optimizer, max_grad_norm, chunk_tokens)
         try:
             graph_step.capture(train_shapes)
-            eval_tokens = _eval_tokens(model, eval_shape, tokens(largest), pad_id, device)
+            eval_tokens = _eval_tokens(model, eval_shape, chunk_tokens or tokens(largest), pad_id, device)
         except torch.OutOfMemoryError:
             eval_tokens = 0
         if eval_tokens:
             reserved = torch.cuda.memory_reserved(device) / GiB
-            return StepPlan("graphs", None, eval_tokens, reserved, graph_step)
+            return StepPlan("graphs", chunk_tokens, eval_tokens, reserved, graph_step)
         graph_step.close()
         del graph_step
     torch.cuda.empty_cache()
-    rows, steps = largest
-    chunk_rows = rows
+    allowed_rows = max(1, min(rows, chunk_tokens // steps)) if chunk_tokens else rows  # what max_step_tokens allows
+    chunk_rows = allowed_rows
     while chunk_rows >= 1:
         chunk_tokens = None if chunk_rows == rows else chunk_rows * steps
         if _step_fits(model, optimizer, largest, pad_id, device, max_grad_norm, chunk_tokens):
             eval_tokens = _eval_tokens(model, eval_shape, chunk_rows * steps, pad_id, device)
             if eval_tokens:
-                mode = "eager" if chunk_tokens is None else "eager, split"
+                mode = "eager" if chunk_rows == allowed_rows else "eager, split"
                 return StepPlan(mode, chunk_tokens, eval_tokens, torch.cuda.memory_reserved(device) / GiB)
         chunk_rows //= 2
     raise MemoryPlanError(_nothing_fits(model, optimizer, largest, pad_id, device, max_grad_norm))

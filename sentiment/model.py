@@ -14,7 +14,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-RNN_INPUTS = ("auto", "packed", "padded", "fused", "triton")
+RNN_INPUTS = ("auto", "packed", "padded", "fused")
 POOLINGS = ("last", "max", "mean", "concat")
 # Added to the input gate's pre-activation at padding by the fused BiLSTM path: sigmoid(-1e4) is exactly 0 in
 # float16/32/64 (no weight a trained LSTM reaches can lift it back), and -1e4 is representable in float16.
@@ -115,10 +115,9 @@ class LSTMClassifier(
     cuDNN call per layer, both directions at once, on the padded tensor (no packing, so no per-step host work, and
     the whole batch shape is fixed, which CUDA graphs need); for a BiLSTM an extra input column marks the padding
     and closes the input gate there, so the backward direction, which meets the padding first, keeps a zero
-    state until the review's last token. ``triton`` (experimental, not yet measured on a GPU): the Triton LSTM of
-    :mod:`sentiment.triton_lstm`, one persistent kernel per layer for each pass, each review read from its real
-    first and last token (needs ``triton``; on CPU only in Triton's interpreter). ``auto``: fused on GPU, padded
-    on CPU.
+    state until the review's last token. ``auto``: fused on GPU, padded on CPU. A checkpoint whose config.json
+    says ``triton`` (the Triton LSTM, now in experiments/triton_lstm) loads with ``auto`` and a warning: every
+    path gives the same result.
 
     ``truncate_bptt`` N > 0 (ULMFiT's truncated backpropagation; padded and fused paths): in training, each LSTM
     call runs over the review in chunks of N steps, each chunk starting from the previous one's final state
@@ -151,6 +150,15 @@ class LSTMClassifier(
         reverse: bool = False,
     ) -> None:
         super().__init__()
+        if rnn_input == "triton":
+            warnings.warn(
+                "rnn_input 'triton' is no longer a path of the package (the Triton LSTM is in "
+                "experiments/triton_lstm); this model runs with rnn_input 'auto', which computes the same function",
+                stacklevel=2,
+            )
+            rnn_input = "auto"
+            if isinstance(self._hub_mixin_config, dict):  # what save_pretrained writes to config.json
+                self._hub_mixin_config["rnn_input"] = rnn_input
         if rnn_input not in RNN_INPUTS:
             raise ValueError(f"rnn_input must be one of {RNN_INPUTS} (got {rnn_input!r})")
         if pooling not in POOLINGS:
@@ -214,7 +222,7 @@ class LSTMClassifier(
         if path == "auto":  # measured on an H200 and on 2 CPU cores (docs/benchmarks.md)
             path = "fused" if embedded.is_cuda else "padded"
         truncating = self.truncate_bptt > 0 and self.training
-        if truncating and path in ("packed", "triton"):
+        if truncating and path == "packed":
             raise ValueError(
                 f"truncate_bptt needs rnn_input auto, padded or fused (rnn_input {path} runs each review in one call)"
             )
@@ -226,8 +234,6 @@ class LSTMClassifier(
             outputs, final = self._packed_final(embedded, lengths)
         elif path == "fused":
             outputs, final = self._fused_final(embedded, lengths)
-        elif path == "triton":
-            outputs, final = self._triton_final(embedded, lengths)
         else:
             outputs, final = self._padded_final(embedded, lengths)
         return self.classifier(self.dropout(self._pool(outputs, final, lengths))).squeeze(-1)
@@ -330,18 +336,6 @@ class LSTMClassifier(
         if bidirectional:
             final = torch.cat([final, layer_input[:, 0, hidden_size:]], dim=-1)
         return layer_input, final
-
-    def _triton_final(self, embedded: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        from sentiment.triton_lstm import triton_lstm_layers
-
-        weights = [weight for layer in range(self.lstm.num_layers) for weight in self._layer_weights(layer)]
-        outputs, hidden, _ = triton_lstm_layers(
-            embedded, lengths, weights, self.lstm.num_layers, self.lstm.bidirectional,
-            dropout=self.lstm.dropout, train=self.training, validate=False,
-        )  # fmt: skip
-        if self.lstm.bidirectional:
-            return outputs, torch.cat([hidden[-2], hidden[-1]], dim=-1)
-        return outputs, hidden[-1]
 
     def _padded_final(self, embedded: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, steps, _ = embedded.shape

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from sentiment.config import ConfigError, TrainConfig, build_config, config_keys, parse_command_line
-from sentiment.sweep_report import write_report
+from sentiment.sweep_report import SweepError, write_report
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +63,6 @@ _INT_KEYS = {
     name: typing.get_args(hint) in ((int, type(None)),) or hint is int
     for name, hint in typing.get_type_hints(TrainConfig).items()
 }
-
-
-class SweepError(ValueError):
-    """A sweep file or sweep option is unusable; the message names the problem and the fix."""
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """A sweep's results as the report showed them: every trial sorted by the metric (parameters, train / validation
 / test loss and accuracy, runtime, state) as CSV and Markdown, a parallel-coordinates plot and the metric against
-each parameter (PNG), and the best trial's checkpoint marked (``best`` link and ``best.json``)."""
+each parameter (PNG, Optuna's plots), and the best trial's checkpoint marked (``best`` link and ``best.json``)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,27 @@ import csv
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 FIGURES = ("train_loss", "train_acc", "valid_loss", "valid_acc", "test_loss", "test_acc")
 
 
+class SweepError(ValueError):
+    """A sweep file or sweep option is unusable; the message names the problem and the fix. (Here rather than in
+    ``sentiment.sweep``, which imports this module: both raise it; ``from sentiment.sweep import SweepError`` works
+    too.)"""
+
+
 def trial_rows(study: Any, metric: str, direction: str) -> list[dict[str, Any]]:
-    """One row per trial, best first by ``metric`` (trials without it last)."""
+    """One row per trial, best first by ``metric`` (trials without it last).
+
+    Built here rather than from ``study.trials_dataframe()``, which has the parameters as the sampler drew them
+    and the user attributes as dicts and lists in single cells: a row has the parameters as the trainer received
+    them (the trial's ``params`` attribute: constants included, values rounded to ``q`` or to integers, an
+    ``inv_log_uniform_values`` parameter itself rather than its drawn inverse), the figures of a pruned trial from
+    the last epoch it reached (its ``history``), and the epochs it ran."""
     rows = []
     for trial in study.get_trials(deepcopy=False):
         figures = trial.user_attrs.get("metrics", {})
@@ -66,71 +79,44 @@ def _markdown(rows: list[dict[str, Any]], columns: list[str], best: int | None) 
     return "\n".join(lines) + "\n"
 
 
-def _plots(rows: list[dict[str, Any]], parameters: list[str], metric: str, sweep_dir: Path) -> None:
+def _plots(study: Any, parameters: list[str], metric: str, sweep_dir: Path) -> None:
+    """Optuna's plots of the completed trials: ``parallel_coordinates.png`` (``plot_parallel_coordinate``: an axis
+    per parameter and one for the metric, a line per trial coloured by the metric) and ``metric_vs_parameters.png``
+    (``plot_slice``: the metric against each parameter). They show the parameters as the sampler drew them
+    (``trial.params``): constants, never drawn, are left out (a sweep of constants only gets no plots), and an
+    ``inv_log_uniform_values`` parameter is drawn, and shown, as ``1/NAME``; results.csv has the values the trainer
+    received."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+    import optuna
+    from optuna.visualization import matplotlib as optuna_plots
 
-    done = [r for r in rows if r["state"] == "COMPLETE" and r.get(metric) is not None]
-    if not done:
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    drawn = set().union(*(trial.params for trial in complete))
+    names = [name for parameter in parameters for name in (parameter, f"1/{parameter}") if name in drawn]
+    if not names:
         return
-    values = np.array([r[metric] for r in done], dtype=float)
-    colors = plt.cm.viridis((values - values.min()) / (np.ptp(values) or 1.0))
-
-    def axis(name: str) -> tuple[np.ndarray, list[Any]]:
-        """Each parameter's values on [0, 1]: numbers by rank of their distinct values, others by category."""
-        column = [r.get(name) for r in done]
-        distinct = sorted({v for v in column if v is not None}, key=lambda v: (isinstance(v, str), v))
-        position = {v: i / max(len(distinct) - 1, 1) for i, v in enumerate(distinct)}
-        return np.array([position.get(v, np.nan) for v in column]), distinct
-
-    # Parallel coordinates: one axis per parameter, the metric last; one line per trial, coloured by the metric.
-    axes_names = [*parameters, metric]
-    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(axes_names)), 5))
-    scaled = [axis(name)[0] for name in parameters] + [(values - values.min()) / (np.ptp(values) or 1.0)]
-    for i in range(len(done)):
-        ax.plot(range(len(axes_names)), [s[i] for s in scaled], color=colors[i], alpha=0.8, linewidth=1.5)
-    for x, name in enumerate(axes_names):
-        ax.axvline(x, color="grey", linewidth=0.8)
-        labels = axis(name)[1] if name != metric else [f"{values.min():.4f}", f"{values.max():.4f}"]
-        for j, label in enumerate(labels):
-            ax.text(x + 0.03, j / max(len(labels) - 1, 1), str(label), fontsize=8, va="center")
-    ax.set_xticks(range(len(axes_names)), axes_names)
-    ax.set_yticks([])
-    ax.set_title(f"{len(done)} completed trials, coloured by {metric}")
-    fig.tight_layout()
-    _save(fig, sweep_dir / "parallel_coordinates.png")
-
-    columns = max(1, min(3, len(parameters)))
-    rows_n = math.ceil(len(parameters) / columns)
-    fig, grid = plt.subplots(rows_n, columns, figsize=(4.5 * columns, 3.5 * rows_n), squeeze=False)
-    for index, name in enumerate(parameters):
-        ax = grid[index // columns][index % columns]
-        column = [r.get(name) for r in done]
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in column):
-            ax.scatter(column, values, c=colors)
-            if min(column) > 0 and max(column) / min(column) >= 20:  # e.g. learning rates over decades
-                ax.set_xscale("log")
-        else:
-            positions, labels = axis(name)
-            ax.scatter(positions, values, c=colors)
-            ax.set_xticks([i / max(len(labels) - 1, 1) for i in range(len(labels))], [str(v) for v in labels])
-        ax.set_xlabel(name)
-        ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
-    for index in range(len(parameters), rows_n * columns):
-        grid[index // columns][index % columns].axis("off")
-    fig.tight_layout()
-    _save(fig, sweep_dir / "metric_vs_parameters.png")
+    # optuna.visualization.matplotlib is experimental (it warns at each call), and plot_slice switches matplotlib
+    # to its ggplot style for the whole process: rc_context puts the settings back afterwards. A parameter with a
+    # single value so far gets an axis of zero range, which matplotlib widens itself (with a warning).
+    with warnings.catch_warnings(), matplotlib.rc_context():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", "Attempting to set identical low and high", UserWarning)
+        axes = optuna_plots.plot_parallel_coordinate(study, params=names, target_name=metric)
+        axes.set_title(f"{len(complete)} completed trials, coloured by {metric}", y=1.03)
+        axes.figure.set_size_inches(max(8.0, 1.6 * (len(names) + 1)), 5)
+        _save(axes.figure, sweep_dir / "parallel_coordinates.png")
+        axes = optuna_plots.plot_slice(study, params=names, target_name=metric)
+        _save(np.ravel(axes)[0].figure, sweep_dir / "metric_vs_parameters.png")
 
 
 def _save(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")  # the rotated axis names of the parallel coordinates
     plt.close(fig)
     os.replace(tmp, path)
 
@@ -142,8 +128,6 @@ def write_report(sweep_dir: str | Path, storage: str | None = None) -> list[dict
     sweep_dir = Path(sweep_dir)
     manifest_path = sweep_dir / "sweep.json"
     if not manifest_path.is_file():
-        from sentiment.sweep import SweepError
-
         raise SweepError(f"{sweep_dir} is not a sweep folder (no sweep.json); run `sentiment sweep` first")
     manifest = json.loads(manifest_path.read_text())
     study = optuna.load_study(study_name=manifest["name"], storage=storage or manifest["storage"])
@@ -161,7 +145,7 @@ def write_report(sweep_dir: str | Path, storage: str | None = None) -> list[dict
     header = f"# Sweep {manifest['name']}: {len(rows)} trials, sorted by {metric} ({manifest['direction']})\n\n"
     (sweep_dir / ".results.md.tmp").write_text(header + _markdown(rows, columns, best))
     os.replace(sweep_dir / ".results.md.tmp", sweep_dir / "results.md")
-    _plots(rows, parameters, metric, sweep_dir)
+    _plots(study, parameters, metric, sweep_dir)
 
     if best is not None:
         best_row = rows[0]

@@ -38,7 +38,11 @@ def test_trainer_is_not_slower_than_the_plain_loop(prepared: Path, tmp_path: Pat
     assert trainer_seconds <= 1.5 * plain_seconds, (
         f"trainer {trainer_seconds:.3f} s/epoch vs plain loop {plain_seconds:.3f} s/epoch"
     )
-    assert len(plain["history"]) == 3 and 0.0 <= plain["history"][-1]["valid_acc"] <= 1.0
+    # The baseline really trains (a loop that skipped work would also be fast): its training loss falls, and it
+    # beats chance on the fixture's learnable validation reviews.
+    assert len(plain["history"]) == 3
+    assert plain["history"][-1]["train_loss"] < 0.8 * plain["history"][0]["train_loss"]
+    assert plain["history"][-1]["valid_acc"] > 0.5
 
 
 def test_derived_prepared_folder_cuts_reviews_and_lengths(prepared: Path, tmp_path: Path) -> None:

@@ -112,8 +112,8 @@ def _load_best_in_process(rank: int, folders: list[str], rendezvous: str, expect
     import torch
     import torch.distributed as dist
 
+    from sentiment.checkpoint import load_best_weights
     from sentiment.model import LSTMClassifier
-    from sentiment.training import load_best_weights
 
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     try:

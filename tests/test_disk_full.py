@@ -25,9 +25,10 @@ from test_training import tiny_config
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 
+from sentiment.checkpoint import SaveError, save_best
 from sentiment.model import LSTMClassifier
 from sentiment.predict import SentimentClassifier
-from sentiment.training import SaveError, save_best, train
+from sentiment.training import train
 
 REVIEWS = ["A wonderful, moving film.", "Boring and awful, the worst plot.", "The movie was a film."]
 

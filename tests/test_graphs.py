@@ -17,7 +17,7 @@ from sentiment.batching import PadCollator, bucket_length
 from sentiment.config import build_config
 from sentiment.graphs import GraphedTrainStep, train_step, zero_nonfinite_gradients
 from sentiment.model import LSTMClassifier
-from sentiment.training import LRFactor, build_optimizer
+from sentiment.optim import LRFactor, build_optimizer
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -208,10 +208,12 @@ def test_graph_replay_follows_per_group_schedules() -> None:
 
 
 @needs_cuda
-def test_graph_replay_draws_the_eager_dropout_masks() -> None:
+@pytest.mark.parametrize("chunk_tokens", [None, 100])
+def test_graph_replay_draws_the_eager_dropout_masks(chunk_tokens: int | None) -> None:
     """With every kind of dropout on, graphs (captured before training) replayed from a seed train exactly as eager
     steps from the same seed: captures draw no random numbers, and a replay draws what an eager step draws. So a
-    run that falls back to eager steps (less memory) trains as the graphed run would."""
+    run that falls back to eager steps (less memory) trains as the graphed run would; also with the longer
+    batches run in groups of rows (``chunk_tokens``) inside the graphs and the eager steps alike."""
     device = torch.device("cuda")
     options = {"dropout": 0.5, "embedding_dropout": 0.2, "weight_dropout": 0.3, "rnn_input": "fused"}
     torch.manual_seed(0)
@@ -222,7 +224,7 @@ def test_graph_replay_draws_the_eager_dropout_masks() -> None:
     collate = PadCollator(pad_id=1, fixed_rows=8)
     batches = [collate(examples(lengths, vocab_size=80, seed=seed))
                for seed, lengths in enumerate([[40, 33], [5, 5, 5], [37, 38, 3], [120, 64, 100], [6, 2]])]  # fmt: skip
-    step = GraphedTrainStep(graphed, graph_opt, max_grad_norm=1.0)
+    step = GraphedTrainStep(graphed, graph_opt, max_grad_norm=1.0, chunk_tokens=chunk_tokens)
     step.capture({tuple(batch["input_ids"].shape) for batch in batches})
     torch.cuda.manual_seed(7)
     for batch in batches:
@@ -230,7 +232,8 @@ def test_graph_replay_draws_the_eager_dropout_masks() -> None:
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     torch.cuda.manual_seed(7)
     for batch in batches:
-        train_step(eager, eager_opt, {k: v.to(device) for k, v in batch.items()}, totals, 1.0)
+        on_device = {k: v.to(device) for k, v in batch.items()}
+        train_step(eager, eager_opt, on_device, totals, 1.0, chunk_tokens=chunk_tokens)
         eager_opt.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     for a, b in zip(eager.parameters(), graphed.parameters(), strict=True):

@@ -118,7 +118,7 @@ def _bilstm_and_batches(device: torch.device, rows: int = 16) -> tuple[LSTMClass
 def test_graphs_need_at_most_one_and_a_half_times_the_memory_of_eager_steps() -> None:
     """On mixed lengths (8 shapes), the graphed path's peak reserved GPU memory, the graphs' shared pool included,
     stays within 1.5x that of the same steps run eagerly."""
-    device = torch.device("cuda")
+    device = torch.device("cuda", torch.cuda.current_device())
     peaks = {}
     for mode in ("eager", "graphs"):
         model, batches = _bilstm_and_batches(device)
@@ -150,7 +150,7 @@ def test_a_memory_budget_too_small_for_graphs_falls_back_and_nothing_fitting_sto
     into groups of rows when a whole step does not fit either), and training steps then run within the budget;
     under a budget that not even one review fits, it stops before training with a message naming the memory
     needed, batch_size and max_length."""
-    device = torch.device("cuda")
+    device = torch.device("cuda", torch.cuda.current_device())
     total = torch.cuda.get_device_properties(device).total_memory
     model, batches = _bilstm_and_batches(device, rows=32)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=True)
@@ -190,3 +190,39 @@ def test_a_memory_budget_too_small_for_graphs_falls_back_and_nothing_fitting_sto
     unbudgeted = plan_steps(model, optimizer, shapes, (64, 1500), graphs=True, max_grad_norm=1.0, pad_id=1)
     assert unbudgeted.mode == "graphs" and len(unbudgeted.graph_step.graphs) == len(shapes)
     unbudgeted.graph_step.close()
+
+
+def test_max_step_tokens_trains_the_same_model_in_smaller_pieces(hub_imdb, tmp_path, monkeypatch) -> None:
+    """A run whose batches go through the model in groups of at most 40 tokens (``max_step_tokens``) ends with the
+    same figures and weights as one that takes them whole (no dropout: the same update, up to rounding)."""
+    from safetensors.torch import load_file
+
+    from sentiment.config import build_config
+    from sentiment.training import train
+
+    training_forwards: list[list[tuple[int, int]]] = []  # per run, the (rows, length) of each training forward
+    forward = LSTMClassifier.forward
+
+    def recording(self: LSTMClassifier, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            training_forwards[-1].append(tuple(input_ids.shape))
+        return forward(self, input_ids, lengths)
+
+    monkeypatch.setattr(LSTMClassifier, "forward", recording)
+
+    options = {"dataset": str(hub_imdb), "num_proc": 1, "epochs": 1, "batch_size": 8, "hidden_dim": 8,
+               "bidirectional": True, "dropout": 0.0, "report_to": "none"}  # fmt: skip
+    runs = {}
+    for cap in (None, 40):
+        training_forwards.append([])
+        folder = tmp_path / f"cap-{cap}"
+        metrics = train(build_config(None, {**options, "max_step_tokens": cap, "output_dir": str(folder)}))
+        runs[cap] = (metrics, load_file(folder / "best" / "model.safetensors"))
+    assert max(rows * steps for rows, steps in training_forwards[0]) > 40
+    assert all(rows * steps <= 40 or rows == 1 for rows, steps in training_forwards[1])  # one review: the least
+    assert len(training_forwards[1]) > len(training_forwards[0])
+    (whole, whole_weights), (pieces, piece_weights) = runs[None], runs[40]
+    assert pieces["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-5)
+    assert pieces["test_loss"] == pytest.approx(whole["test_loss"], rel=1e-4)
+    for name, tensor in whole_weights.items():
+        torch.testing.assert_close(piece_weights[name], tensor, rtol=1e-4, atol=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,22 @@ def test_save_and_load_give_identical_logits(tmp_path: Path) -> None:
     assert torch.equal(model(ids, lengths), loaded(ids, lengths))
 
 
+def test_checkpoint_saved_with_the_triton_path_loads_on_auto(tmp_path: Path) -> None:
+    """A config.json that says rnn_input "triton" (the Triton LSTM, now outside the package) loads with a
+    warning on the auto path, gives the saved model's logits, and is saved again with rnn_input "auto"."""
+    model = LSTMClassifier(40, 6, 5, 1, True).eval()
+    model.save_pretrained(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    (tmp_path / "saved" / "config.json").write_text(json.dumps({**config, "rnn_input": "triton"}))
+    with pytest.warns(UserWarning, match="rnn_input 'triton'.*experiments/triton_lstm.*'auto'"):
+        loaded = LSTMClassifier.from_pretrained(tmp_path / "saved").eval()
+    assert loaded.rnn_input == "auto"
+    ids, lengths = padded_batch(40, [6, 2, 4])
+    assert torch.equal(loaded(ids, lengths), model(ids, lengths))
+    loaded.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["rnn_input"] == "auto"
+
+
 def test_save_with_cudnn_style_shared_weights(tmp_path: Path) -> None:
     """On GPU cuDNN makes the LSTM weights views of one flat buffer; saving must still write every weight."""
     model = LSTMClassifier(20, 4, 3, 2, True).eval()
@@ -206,7 +223,7 @@ def share_one_storage(module: torch.nn.Module) -> None:
 def test_checkpoints_save_weights_that_share_one_storage(tmp_path: Path) -> None:
     """The classifier and the language model save and reload LSTM weights that live in one flat buffer (safetensors
     refuses shared storage; on a GPU cuDNN always packs them so): every weight comes back."""
-    from sentiment.pretrain import LSTMLanguageModel
+    from sentiment.lm import LSTMLanguageModel
 
     for model in (LSTMClassifier(30, 4, 6, 2, bidirectional=True), LSTMLanguageModel(30, 4, 6, 2)):
         share_one_storage(model)

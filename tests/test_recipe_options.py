@@ -15,7 +15,8 @@ import torch
 from test_training import tiny_config
 
 from sentiment.config import ConfigError, build_config
-from sentiment.training import LRFactor, TrainingStopped, train
+from sentiment.optim import LRFactor
+from sentiment.training import TrainingStopped, train
 
 RECIPE = {
     "epochs": 3,
@@ -97,7 +98,7 @@ def test_parameter_groups_give_discriminative_learning_rates() -> None:
     """Head, LSTM layers top down, embedding: each parameter in exactly one group, lr * decay ** depth; a frozen
     embedding is left out."""
     from sentiment.model import LSTMClassifier
-    from sentiment.training import parameter_groups
+    from sentiment.optim import parameter_groups
 
     model = LSTMClassifier(50, 8, 12, 2, bidirectional=True)
     groups = parameter_groups(model, 0.01, 0.5)

@@ -184,7 +184,7 @@ def test_resume_with_more_epochs_rebuilds_the_lr_schedule(
         return adam_step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
-    with caplog.at_level(logging.INFO, logger="sentiment.training"):
+    with caplog.at_level(logging.INFO, logger="sentiment"):
         metrics = train(tiny_config(hub_imdb, run_dir, epochs=3, lr_schedule="cosine", resume=True))
     valid_losses = [h["valid_loss"] for h in metrics["history"]]
     assert len(valid_losses) == 3 and len(set(valid_losses)) == 3
@@ -220,7 +220,7 @@ def test_resume_accepts_a_new_early_stopping_patience(
     epoch is all it asks for: nothing is left to train, the best model is tested again.)"""
     run_dir = tmp_path / "run"
     shutil.copytree(one_cosine_epoch, run_dir)
-    with caplog.at_level(logging.INFO, logger="sentiment.training"):
+    with caplog.at_level(logging.INFO, logger="sentiment"):
         metrics = train(
             tiny_config(hub_imdb, run_dir, epochs=1, lr_schedule="cosine", resume=True, early_stopping_patience=2)
         )
@@ -416,7 +416,7 @@ def test_sigkill_mid_epoch_then_resume_matches(hub_imdb: Path, tmp_path: Path) -
 def test_replace_dir_never_drops_the_last_complete_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A crash between replace_dir's two renames leaves only best.old (found by _existing_dir); the next save,
     crashing again before its new folder is in place, must still leave that copy."""
-    from sentiment import training
+    from sentiment import checkpoint
 
     final, old = tmp_path / "best", tmp_path / "best.old"
     old.mkdir()
@@ -431,10 +431,10 @@ def test_replace_dir_never_drops_the_last_complete_copy(tmp_path: Path, monkeypa
             raise OSError("crash")
         real_replace(src, dst)
 
-    monkeypatch.setattr(training.os, "replace", crash_on_the_new_folder)
+    monkeypatch.setattr(checkpoint.os, "replace", crash_on_the_new_folder)
     with pytest.raises(OSError, match="crash"):
-        training.replace_dir(new, final)
-    assert training._existing_dir(final) == old and (old / "model.safetensors").read_text() == "epoch 1"
-    monkeypatch.setattr(training.os, "replace", real_replace)
-    training.replace_dir(new, final)
+        checkpoint.replace_dir(new, final)
+    assert checkpoint.existing_dir(final) == old and (old / "model.safetensors").read_text() == "epoch 1"
+    monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+    checkpoint.replace_dir(new, final)
     assert (final / "model.safetensors").read_text() == "epoch 2" and not old.exists()

@@ -141,18 +141,14 @@ def test_config_rejects_too_short_truncation(value: int) -> None:
 
 
 def test_paths_that_cannot_chunk_are_refused() -> None:
-    """Config: packed and triton with truncation name the fix; the model refuses them in training only."""
+    """Config: packed with truncation names the fix; the model refuses it in training only."""
     assert build_config(None, {"truncate_bptt": 72, "rnn_input": "fused"}).truncate_bptt == 72
-    for rnn_input in ("packed", "triton"):
-        with pytest.raises(ConfigError, match="use rnn_input auto, padded or fused"):
-            build_config(None, {"truncate_bptt": 72, "rnn_input": rnn_input})
-    model = LSTMClassifier(30, 4, 5, bidirectional=True, truncate_bptt=2)
+    with pytest.raises(ConfigError, match="use rnn_input auto, padded or fused"):
+        build_config(None, {"truncate_bptt": 72, "rnn_input": "packed"})
+    model = LSTMClassifier(30, 4, 5, bidirectional=True, truncate_bptt=2, rnn_input="packed")
     ids, lengths = padded_batch(30, [5, 3])
-    for rnn_input in ("packed", "triton"):
-        model.rnn_input = rnn_input
-        with pytest.raises(ValueError, match="truncate_bptt needs rnn_input auto, padded or fused"):
-            model.train()(ids, lengths)
-    model.rnn_input = "packed"
+    with pytest.raises(ValueError, match="truncate_bptt needs rnn_input auto, padded or fused"):
+        model.train()(ids, lengths)
     assert model.eval()(ids, lengths).shape == (2,)
 
 

@@ -1,7 +1,7 @@
 """GPU micro-benchmark: one bidirectional LSTM layer, cuDNN (``nn.LSTM`` weights through ``torch.lstm`` on the
-padded batch) against the Triton layer (``sentiment/triton_lstm.py``), forward and forward+backward.
+padded batch) against the Triton layer (``triton_lstm.py`` beside this file), forward and forward+backward.
 
-    python -m benchmarks.triton_lstm_bench --output benchmarks/results/triton-lstm-h200.json
+    python experiments/triton_lstm/bench.py --output triton-lstm-h200.json
 
 For each hidden size (150, 192), length T (256, 894) and dtype (float32; bfloat16 autocast), batch 128, input
 50 (GloVe 50d, the first layer): milliseconds per call (median of ``--iters`` after ``--warmup``, CUDA events),
@@ -39,9 +39,9 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from triton_lstm import TritonLSTMConfig, compile_report, triton_lstm
 
 from sentiment.model import lstm_layers
-from sentiment.triton_lstm import TritonLSTMConfig, compile_report, triton_lstm
 
 INPUT_SIZE = 50
 DEFAULT_CONFIGS = "16:32:32:8:ieee,16:16:16:4:ieee,32:32:32:8:ieee,16:32:32:8:tf32,16:32:32:8:bf16"

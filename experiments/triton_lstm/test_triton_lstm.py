@@ -1,5 +1,6 @@
-"""The Triton LSTM (sentiment/triton_lstm.py) against nn.LSTM on packed sequences: outputs at real positions,
-final states, and the gradients of the input, the weights, the biases and the initial state, in float32.
+"""The Triton LSTM (triton_lstm.py beside this file) against nn.LSTM on packed sequences: outputs at real
+positions, final states, and the gradients of the input, the weights, the biases and the initial state, in float32;
+and the classifier on it (classifier.py) against the package's padded path.
 
 No GPU here: the kernels run in Triton's interpreter on CPU tensors. TRITON_INTERPRET=1 has to be set before
 triton is first imported (triton.language's functions are wrapped then), so this file sets it at collection
@@ -10,6 +11,7 @@ numpy, so it checks the arithmetic, masks and indexing, not races between thread
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -34,8 +36,11 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 if not isinstance(triton.language.sigmoid, InterpretedFunction):
     pytest.skip("triton was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
 
-from sentiment import triton_lstm as tlstm  # noqa: E402
-from sentiment.triton_lstm import TritonLSTMConfig, triton_lstm, triton_lstm_layers  # noqa: E402
+import triton_lstm as tlstm  # noqa: E402
+from classifier import triton_path  # noqa: E402
+from triton_lstm import TritonLSTMConfig, triton_lstm, triton_lstm_layers  # noqa: E402
+
+from sentiment.model import LSTMClassifier  # noqa: E402
 
 LENGTHS = [7, 1, 4, 7, 3]
 # Chunks of 16 so that H=20 takes two chunks (the second masked) and H=12 one masked chunk.
@@ -270,12 +275,12 @@ def compile_in_subprocess(hidden: int, precision: str) -> dict[str, Any]:
     """``compile_report`` for sm_90 in a subprocess without TRITON_INTERPRET (this session's triton interprets);
     skips where this triton has no bundled ptxas."""
     script = (
-        "import json; from sentiment.triton_lstm import TritonLSTMConfig, compile_report; "
+        "import json; from triton_lstm import TritonLSTMConfig, compile_report; "
         f"print(json.dumps(compile_report({hidden}, TritonLSTMConfig(precision={precision!r}))))"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1]
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=Path(__file__).parent
     )
     if result.returncode and "ptxas" in result.stderr and "No such file" in result.stderr:
         pytest.skip("this triton has no bundled ptxas")
@@ -361,38 +366,24 @@ def test_hidden_a_multiple_of_the_blocks() -> None:
 
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_classifier_triton_path_matches_padded_path(bidirectional: bool) -> None:
-    """``LSTMClassifier(rnn_input="triton")`` gives the logits and every gradient of the exact ``padded`` path
+    """``LSTMClassifier`` within ``triton_path`` gives the logits and every gradient of the exact ``padded`` path
     (2 layers, concat pooling, DropConnect off so both paths see the same weights), on reviews padded past their
-    lengths as bucketed batches are."""
-    from sentiment.model import LSTMClassifier
-
+    lengths as bucketed batches are; afterwards the model takes its own path again."""
     torch.manual_seed(0)
     model = LSTMClassifier(60, 8, 12, 2, bidirectional, dropout=0.0, pooling="concat").train()
     lengths = torch.tensor([9, 1, 4, 9, 6, 2])
     ids = torch.randint(2, 60, (len(lengths), 12))
     ids[torch.arange(12).unsqueeze(0) >= lengths.unsqueeze(1)] = model.pad_id
+    model.rnn_input = "padded"
     results = []
-    for rnn_input in ("padded", "triton"):
-        model.rnn_input = rnn_input
+    for path in (contextlib.nullcontext(), triton_path(model)):
         model.zero_grad()
-        logits = model(ids, lengths)
+        with path:
+            logits = model(ids, lengths)
         (logits**2).sum().backward()
         results.append((logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    assert model.rnn_input == "padded" and "_padded_final" not in vars(model)  # the model as it was
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
     assert len(results[1][1]) == len(results[0][1])
     for padded_grad, triton_grad in zip(results[0][1], results[1][1], strict=True):
         torch.testing.assert_close(triton_grad, padded_grad, rtol=1e-4, atol=1e-6)
-
-
-def test_triton_path_is_a_config_choice(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``rnn_input: triton`` passes the config's checks where triton is installed (it is, in this module), and
-    fails them with the fix named where it is not."""
-    import importlib.util
-
-    from sentiment.config import ConfigError, build_config
-
-    assert build_config(None, {"rnn_input": "triton"}).rnn_input == "triton"
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "triton" else find_spec(name))
-    with pytest.raises(ConfigError, match="pip install triton"):
-        build_config(None, {"rnn_input": "triton"})

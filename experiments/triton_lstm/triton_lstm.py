@@ -35,7 +35,7 @@ the global writes of one step visible to the whole program (CTA) in the next.
 Rows are sorted by length (longest first) before being cut into blocks, so each program loops over about the
 lengths of its own rows, as a packed sequence would.
 
-Measured on an H200 (docs/benchmarks.md, ``benchmarks/triton_lstm_bench.py``): exact against cuDNN, but about
+Measured on an H200 (README.md beside this file, ``bench.py``): exact against cuDNN, but about
 2x slower than it (hidden 150, batch 128, 894 steps, one bidirectional layer forward + backward: 80 ms in float32,
 65 ms with "bf16", against cuDNN's 39 ms): 16 programs leave most SMs idle and every step re-reads W_hh from L2.
 
@@ -54,7 +54,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-# Triton is optional and imported at the first call (``_require_triton``): the package imports without it, and
+# Triton is optional and imported at the first call (``_require_triton``): this module imports without it, and
 # importing this module does not fix whether Triton runs in its interpreter (decided when triton is imported).
 triton: Any = None
 tl: Any = None
