@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from sentiment.files import write_atomic
 from sentiment.predict import classification_metrics, ensemble_metrics
 
 SPLITS = ("validation", "test")
@@ -86,9 +86,7 @@ def main() -> None:
         cells = (valid["accuracy"], valid["loss"], test["accuracy"], test["loss"])
         print(f"| {name} | " + " | ".join(f"{cell:.4f}" for cell in cells) + " |")
     if args.output:
-        tmp = args.output.with_name(f".{args.output.name}.tmp")
-        tmp.write_text(json.dumps(ensemble_record(args.runs, figures), indent=2))
-        os.replace(tmp, args.output)
+        write_atomic(args.output, json.dumps(ensemble_record(args.runs, figures), indent=2))
 
 
 if __name__ == "__main__":

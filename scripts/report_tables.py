@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
+
+from sentiment.files import write_atomic
 
 ROWS = [
     ("Train Loss", "train_loss"),
@@ -62,9 +63,7 @@ def main() -> None:
         + "\n"
     )
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_name(f".{args.output.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, args.output)
+    write_atomic(args.output, text)
     print(text)
 
 

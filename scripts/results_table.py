@@ -23,6 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from sentiment.files import atomic_path, write_atomic
+
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 COLUMNS = [("valid_acc", "valid acc"), ("test_acc", "test acc"), ("test_loss", "test loss")]
 
@@ -91,10 +93,9 @@ def plot_validation_curves(entries: list[dict], output: Path) -> list[str]:
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=1, frameon=False)
     figure.tight_layout()
-    tmp = output.with_name(f".{output.stem}.tmp{output.suffix}")
-    figure.savefig(tmp, dpi=120)
+    with atomic_path(output) as tmp:
+        figure.savefig(tmp, dpi=120)
     plt.close(figure)
-    os.replace(tmp, output)
     return [entry["name"] for entry in shown]
 
 
@@ -105,9 +106,7 @@ def _run_label(run: str) -> str:
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, text)
 
 
 def main() -> None:

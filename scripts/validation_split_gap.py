@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from sentiment.data import load_imdb, split_imdb
+from sentiment.files import write_atomic
 
 SCHEMES = ("standard", "movie_blocks")
 WORD = re.compile(r"[a-z0-9']+")
@@ -173,9 +174,7 @@ def main() -> None:
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     for suffix, text in ((".json", json.dumps(result, indent=2) + "\n"), (".md", markdown(result))):
-        tmp = output.with_name(f".{output.name}{suffix}.tmp")
-        tmp.write_text(text)
-        tmp.replace(output.with_name(output.name + suffix))
+        write_atomic(output.with_name(output.name + suffix), text)
     print(markdown(result))
 
 

@@ -97,13 +97,6 @@ def saving(output_dir: Path, target: Path, clean_up: bool = True) -> Iterator[No
         ) from err
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a text file through a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def default_run_name(cfg: TrainConfig) -> str:
     kind = "bilstm" if cfg.bidirectional else "lstm"
     name = f"{kind}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"

@@ -21,6 +21,8 @@ from typing import Any, Literal
 import yaml
 from jsonargparse import SUPPRESS, ArgumentError, ArgumentParser, DefaultHelpFormatter, get_loader, set_loader
 
+from sentiment.files import write_atomic
+
 
 class ConfigError(ValueError):
     """A config key or value is wrong; the message names the problem and the fix."""
@@ -153,10 +155,7 @@ class TrainConfig:
 
     def save(self, path: str | Path) -> None:
         """Write the config as YAML (through a temporary file and a rename)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        tmp.replace(path)
+        write_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 # Keys that change the data the model sees; a prepared folder fixes them.

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from datasets import ClassLabel, DatasetDict, Features, Value
 
+from sentiment.files import atomic_path
 from sentiment.sampling import TEST_IN_FILE_ORDER, sample_rows
 
 logger = logging.getLogger(__name__)
@@ -100,9 +100,8 @@ def _load_aclimdb(root: Path, cache_dir: str | None) -> DatasetDict:
                     "label": pa.array([label for _, label in files], pa.int64()),
                 }
             )
-            tmp = cache_root / f".{split}.parquet.tmp"
-            pq.write_table(table, tmp)
-            os.replace(tmp, cache_root / f"{split}.parquet")
+            with atomic_path(cache_root / f"{split}.parquet") as tmp:
+                pq.write_table(table, tmp)
     return datasets.load_dataset("parquet", data_files=data_files, cache_dir=cache_dir)
 
 

@@ -26,6 +26,8 @@ import yaml
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, constants
 from huggingface_hub.utils import HfHubHTTPError, OfflineModeIsEnabled, get_token
 
+from sentiment.files import atomic_path
+
 logger = logging.getLogger(__name__)
 
 LIBRARY_NAME = "sentiment-lstm"
@@ -164,9 +166,8 @@ def write_model_card(
 
     curves = None
     if metrics is not None and run is not None and (run / CURVES_NAME).is_file():
-        tmp_curves = checkpoint / f".{CURVES_NAME}.tmp"
-        shutil.copyfile(run / CURVES_NAME, tmp_curves)
-        os.replace(tmp_curves, checkpoint / CURVES_NAME)
+        with atomic_path(checkpoint / CURVES_NAME) as tmp:
+            shutil.copyfile(run / CURVES_NAME, tmp)
         curves = CURVES_NAME
 
     card = ModelCard.from_template(
@@ -186,9 +187,8 @@ def write_model_card(
         curves=curves,
     )
     path = checkpoint / CARD_NAME
-    tmp = checkpoint / f".{CARD_NAME}.tmp"
-    card.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        card.save(tmp)
     return path
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from sentiment.batching import EncodedSplit, PadCollator
+from sentiment.files import atomic_path
 from sentiment.model import CheckpointError, LSTMClassifier
 from sentiment.text import encode_tokens, pretokenize
 
@@ -209,9 +209,8 @@ def write_logits(path: str | Path, logits: np.ndarray, labels: Sequence[int]) ->
     path = Path(path)
     if path.suffix.lower() != ".npz":
         raise ValueError(f"logits file {path} must end in .npz")
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(tmp, logits=np.asarray(logits, dtype=np.float32), labels=np.asarray(labels, dtype=np.int8))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, logits=np.asarray(logits, dtype=np.float32), labels=np.asarray(labels, dtype=np.int8))
     return path
 
 
@@ -318,14 +317,12 @@ def write_predictions(path: str | Path, texts: Sequence[str], predictions: Seque
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".csv"):
         raise ReviewFileError(f"output {path} must end in .jsonl or .csv")
-    tmp = path.with_name(f".{path.name}.tmp")
     rows = [{"text": text, **prediction} for text, prediction in zip(texts, predictions, strict=True)]
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
         if suffix == ".jsonl":
             handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         else:
             writer = csv.DictWriter(handle, fieldnames=["text", "label", "score"])
             writer.writeheader()
             writer.writerows(rows)
-    os.replace(tmp, path)
     return path

@@ -28,8 +28,9 @@ from accelerate.utils import set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
-from sentiment.checkpoint import save_best, write_atomic
+from sentiment.checkpoint import save_best
 from sentiment.config import ConfigError, TrainConfig
+from sentiment.files import write_atomic
 from sentiment.lm import LSTMLanguageModel
 from sentiment.optim import LRFactor
 from sentiment.prepare import PreparedData, prepare_data

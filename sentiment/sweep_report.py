@@ -12,6 +12,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from sentiment.files import atomic_path, write_atomic
+
 FIGURES = ("train_loss", "train_acc", "valid_loss", "valid_acc", "test_loss", "test_acc")
 
 
@@ -115,10 +117,9 @@ def _plots(study: Any, parameters: list[str], metric: str, sweep_dir: Path) -> N
 def _save(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")  # the rotated axis names of the parallel coordinates
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")  # the rotated axis names of the parallel coordinates
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_report(sweep_dir: str | Path, storage: str | None = None) -> list[dict[str, Any]]:
@@ -136,15 +137,12 @@ def write_report(sweep_dir: str | Path, storage: str | None = None) -> list[dict
     best = rows[0]["trial"] if rows and rows[0]["state"] == "COMPLETE" else None
     columns = ["trial", "state", *parameters, *FIGURES, "epochs_run", "runtime_s", "run_dir"]
 
-    tmp = sweep_dir / ".results.csv.tmp"
-    with open(tmp, "w", newline="") as handle:
+    with atomic_path(sweep_dir / "results.csv") as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, sweep_dir / "results.csv")
     header = f"# Sweep {manifest['name']}: {len(rows)} trials, sorted by {metric} ({manifest['direction']})\n\n"
-    (sweep_dir / ".results.md.tmp").write_text(header + _markdown(rows, columns, best))
-    os.replace(sweep_dir / ".results.md.tmp", sweep_dir / "results.md")
+    write_atomic(sweep_dir / "results.md", header + _markdown(rows, columns, best))
     _plots(study, parameters, metric, sweep_dir)
 
     if best is not None:

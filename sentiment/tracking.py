@@ -12,6 +12,7 @@ from typing import Any
 from accelerate import Accelerator
 
 from sentiment.config import ConfigError, TrainConfig
+from sentiment.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +69,9 @@ def plot_curves(
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def start_wandb(

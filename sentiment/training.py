@@ -37,9 +37,9 @@ from sentiment.checkpoint import (
     save_best,
     save_state,
     saving,
-    write_atomic,
 )
 from sentiment.config import TrainConfig
+from sentiment.files import write_atomic
 from sentiment.graphs import GraphedTrainStep, tokens, train_step
 from sentiment.hub import push_checkpoint, require_push_access, write_model_card
 from sentiment.lm import init_from_language_model
