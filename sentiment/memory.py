@@ -92,12 +92,21 @@ def _available_gib(device: torch.device) -> float:
     return min(free + torch.cuda.memory_reserved(device), fraction * total) / GiB
 
 
+def out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` says the GPU ran out of memory: PyTorch's allocator raises ``torch.OutOfMemoryError``, but
+    cuDNN and cuBLAS report their own allocations failing as status errors."""
+    text = str(err)
+    return isinstance(err, torch.OutOfMemoryError) or any(sign in text for sign in ("out of memory", "ALLOC_FAILED"))
+
+
 def _fits(trial: Callable[[], None], device: torch.device) -> bool:
     """Whether ``trial`` runs without running out of GPU memory (its cache is given back either way)."""
     try:
         trial()
         return True
-    except torch.OutOfMemoryError:
+    except RuntimeError as err:  # torch.OutOfMemoryError is one
+        if not out_of_memory(err):
+            raise
         return False
     finally:
         torch.cuda.synchronize(device)
@@ -176,7 +185,8 @@ def plan_steps(
         try:
             graph_step.capture(train_shapes)
             eval_tokens = _eval_tokens(model, eval_shape, chunk_tokens or tokens(largest), pad_id, device)
-        except torch.OutOfMemoryError:
+        except RuntimeError as err:  # out of memory, or a capture that failed after it: eager steps then
+            logger.info("CUDA graphs do not fit: %s", str(err).splitlines()[0][:200])
             eval_tokens = 0
         if eval_tokens:
             reserved = torch.cuda.memory_reserved(device) / GiB

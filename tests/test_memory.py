@@ -14,7 +14,7 @@ from accelerate.state import AcceleratorState
 
 from sentiment.batching import EncodedSplit, PadCollator, bucket_length, make_dataloader
 from sentiment.graphs import GraphedTrainStep, train_step, unchanged
-from sentiment.memory import MemoryPlanError, plan_steps
+from sentiment.memory import MemoryPlanError, out_of_memory, plan_steps, use_expandable_segments
 from sentiment.model import LSTMClassifier
 from sentiment.training import evaluate
 
@@ -119,6 +119,7 @@ def test_graphs_need_at_most_one_and_a_half_times_the_memory_of_eager_steps() ->
     """On mixed lengths (8 shapes), the graphed path's peak reserved GPU memory, the graphs' shared pool included,
     stays within 1.5x that of the same steps run eagerly."""
     device = torch.device("cuda", torch.cuda.current_device())
+    use_expandable_segments()  # as the trainer does
     peaks = {}
     for mode in ("eager", "graphs"):
         model, batches = _bilstm_and_batches(device)
@@ -226,3 +227,10 @@ def test_max_step_tokens_trains_the_same_model_in_smaller_pieces(hub_imdb, tmp_p
     assert pieces["test_loss"] == pytest.approx(whole["test_loss"], rel=1e-4)
     for name, tensor in whole_weights.items():
         torch.testing.assert_close(piece_weights[name], tensor, rtol=1e-4, atol=1e-5)
+
+
+def test_out_of_memory_is_told_apart_from_other_errors() -> None:
+    """The plan falls back on the GPU's out-of-memory errors, PyTorch's and cuDNN's, and on nothing else."""
+    assert out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert out_of_memory(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
+    assert not out_of_memory(RuntimeError("Expected all tensors to be on the same device"))
