@@ -264,7 +264,7 @@ def test_clear_errors_without_triton_or_gpu(monkeypatch: pytest.MonkeyPatch) -> 
 def test_kernels_compile_for_h200_without_spills(precision: str) -> None:
     """Both kernels compile for sm_90 (H100/H200) with Triton's own ptxas, no GPU needed, at H=150 (the
     BiLSTM's size) with the default blocks, in exact float32 and in bf16 (bfloat16 W_hh), and ptxas reports no
-    register spills. A subprocess, since this session's triton is in interpreter mode."""
+    register spills. A subprocess, since this test process's triton is in interpreter mode."""
     report = compile_in_subprocess(150, precision)
     for kernel in ("forward", "backward"):
         assert report[kernel]["registers"] <= 255
@@ -272,7 +272,7 @@ def test_kernels_compile_for_h200_without_spills(precision: str) -> None:
 
 
 def compile_in_subprocess(hidden: int, precision: str) -> dict[str, Any]:
-    """``compile_report`` for sm_90 in a subprocess without TRITON_INTERPRET (this session's triton interprets);
+    """``compile_report`` for sm_90 in a subprocess without TRITON_INTERPRET (this test process's triton interprets);
     skips where this triton has no bundled ptxas."""
     script = (
         "import json; from triton_lstm import TritonLSTMConfig, compile_report; "
