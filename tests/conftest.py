@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -19,6 +21,21 @@ import pyarrow.parquet as pq
 import pytest
 
 REAL_IMDB = Path(__file__).resolve().parents[2] / "shared" / "data" / "imdb"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``sentiment ARGS`` as a user runs it (``python -m sentiment.cli``) in the repository, with the test
+    session's environment (datasets cache, offline wandb); output captured, the exit status not checked."""
+    return subprocess.run(
+        [sys.executable, "-m", "sentiment.cli", *args],
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
 
 POSITIVE = ["great", "wonderful", "brilliant", "loved", "excellent", "moving", "superb", "beautiful", "fun"]
 NEGATIVE = ["awful", "boring", "terrible", "hated", "dull", "worst", "waste", "stupid", "poor"]

@@ -4,28 +4,15 @@ way out, never a traceback."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--batch_size=8", "--eval_batch_size=16", "--hidden_dim=8", "--report_to=none", "--num_proc=1"]
-
-
-def sentiment(*args: str) -> subprocess.CompletedProcess:
-    """``sentiment ARGS`` as a user runs it, with the test session's environment."""
-    return subprocess.run(
-        [sys.executable, "-m", "sentiment.cli", *args],
-        cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def assert_one_error(result: subprocess.CompletedProcess, *phrases: str) -> str:
@@ -50,9 +37,9 @@ def prepared_run(hub_imdb: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
     """A prepared folder and a one-epoch run trained from it (best/ and state/), both made by the command line."""
     root = tmp_path_factory.mktemp("damaged")
     prepared, run = root / "prepared", root / "run"
-    result = sentiment("prepare", "--dataset", str(hub_imdb), "--lowercase", f"--output_dir={prepared}", "--num_proc=1")
+    result = run_cli("prepare", "--dataset", str(hub_imdb), "--lowercase", f"--output_dir={prepared}", "--num_proc=1")
     assert result.returncode == 0, result.stderr
-    result = sentiment("train", "--prepared", str(prepared), f"--output_dir={run}", "--epochs=1", *TINY)
+    result = run_cli("train", "--prepared", str(prepared), f"--output_dir={run}", "--epochs=1", *TINY)
     assert result.returncode == 0, result.stderr
     return prepared, run
 
@@ -64,10 +51,10 @@ def test_truncated_split_of_a_prepared_folder(prepared_run: tuple[Path, Path], t
     damaged = tmp_path / "prepared"
     shutil.copytree(prepared, damaged)
     truncate(damaged / "train.parquet")
-    result = sentiment("train", "--prepared", str(damaged), f"--output_dir={tmp_path / 'run'}", "--epochs=1", *TINY)
+    result = run_cli("train", "--prepared", str(damaged), f"--output_dir={tmp_path / 'run'}", "--epochs=1", *TINY)
     message = assert_one_error(result, str(damaged / "train.parquet"), "damaged or incomplete", "sentiment prepare")
     assert f"--lowercase=true --output_dir {damaged}`" in message
-    result = sentiment("evaluate", "--model", str(run / "best"), "--prepared", str(damaged), "--device", "cpu")
+    result = run_cli("evaluate", "--model", str(run / "best"), "--prepared", str(damaged), "--device", "cpu")
     assert_one_error(result, str(damaged / "train.parquet"), "sentiment prepare", f"--output_dir {damaged}")
 
 
@@ -78,7 +65,7 @@ def test_truncated_saved_state_on_resume(prepared_run: tuple[Path, Path], tmp_pa
     damaged = tmp_path / "run"
     shutil.copytree(run, damaged)
     truncate(damaged / "state" / "model.safetensors")
-    result = sentiment("train", "--prepared", str(prepared), f"--output_dir={damaged}", "--epochs=2", "--resume", *TINY)
+    result = run_cli("train", "--prepared", str(prepared), f"--output_dir={damaged}", "--epochs=2", "--resume", *TINY)
     assert_one_error(
         result,
         str(damaged / "state" / "model.safetensors"),
@@ -94,5 +81,5 @@ def test_line_of_a_jsonl_input_that_is_not_json(prepared_run: tuple[Path, Path],
     _, run = prepared_run
     reviews = tmp_path / "reviews.jsonl"
     reviews.write_text('{"text": "A wonderful film."}\n\n{"text": "cut short\n{"text": "Dull."}\n')
-    result = sentiment("predict", "--model", str(run / "best"), "--input", str(reviews), "--device", "cpu")
+    result = run_cli("predict", "--model", str(run / "best"), "--input", str(reviews), "--device", "cpu")
     assert_one_error(result, f"{reviews} line 3 is not JSON", f"fix line 3 of {reviews}", '"text"')

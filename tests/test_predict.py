@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 
 from sentiment.config import build_config
 from sentiment.model import CheckpointError, LSTMClassifier
@@ -48,17 +48,6 @@ def checkpoint(hub_imdb: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
     }
     metrics = train(build_config(None, values))
     return run / "best", metrics
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "sentiment.cli", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        timeout=300,
-    )
 
 
 def test_classifier_matches_the_model(checkpoint: tuple[Path, dict]) -> None:
@@ -122,7 +111,9 @@ def test_file_round_trip(checkpoint: tuple[Path, dict], tmp_path: Path, suffix: 
             writer.writerows({"id": i, "text": t} for i, t in enumerate(texts))
     assert read_texts(source) == texts
     output = tmp_path / f"predictions{out_suffix}"
-    result = cli("predict", "--model", str(best), "--input", str(source), "--output", str(output), "--device", "cpu")
+    result = run_cli(
+        "predict", "--model", str(best), "--input", str(source), "--output", str(output), "--device", "cpu"
+    )
     assert result.returncode == 0, result.stderr
     if out_suffix == ".jsonl":
         rows = [json.loads(line) for line in output.read_text().splitlines()]
@@ -138,7 +129,7 @@ def test_file_round_trip(checkpoint: tuple[Path, dict], tmp_path: Path, suffix: 
 
 def test_predict_cli_prints_a_line_per_text(checkpoint: tuple[Path, dict]) -> None:
     best, _ = checkpoint
-    result = cli("predict", "--model", str(best), "A wonderful film.", "Awful, boring.", "--device", "cpu")
+    result = run_cli("predict", "--model", str(best), "A wonderful film.", "Awful, boring.", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 2
@@ -152,7 +143,7 @@ def test_evaluate_reproduces_the_trainers_test_figures(
     and loss, plus precision, recall, F1 and a confusion matrix that add up."""
     best, metrics = checkpoint
     output = tmp_path / "eval.json"
-    result = cli(
+    result = run_cli(
         "evaluate", "--model", str(best), "--dataset", str(hub_imdb), "--output", str(output), "--device", "cpu"
     )
     assert result.returncode == 0, result.stderr
@@ -181,7 +172,7 @@ def test_evaluate_saves_logits_that_scripts_ensemble_combines(
         (tmp_path / name).mkdir()
         for split in ("validation", "test"):
             output, logits = tmp_path / f"{name}-{split}.json", tmp_path / name / f"{split}-logits.npz"
-            result = cli("evaluate", "--model", str(best), "--dataset", str(hub_imdb), "--split", split,
+            result = run_cli("evaluate", "--model", str(best), "--dataset", str(hub_imdb), "--split", split,
                          "--output", str(output), "--logits", str(logits), "--device", "cpu")  # fmt: skip
             assert result.returncode == 0, result.stderr
             with np.load(logits) as saved:
@@ -277,7 +268,7 @@ def test_bad_inputs_give_clear_errors(checkpoint: tuple[Path, dict], tmp_path: P
         for name in ("model.safetensors", "config.json"):
             (empty / name).write_bytes((best / name).read_bytes())
         SentimentClassifier.from_pretrained(empty)
-    result = cli("predict", "--model", str(best))
+    result = run_cli("predict", "--model", str(best))
     assert result.returncode == 2 and "nothing to score" in result.stderr
 
 
@@ -285,7 +276,7 @@ def test_evaluate_from_a_prepared_folder(hub_imdb: Path, tmp_path: Path) -> None
     """`sentiment evaluate --prepared DIR` scores the prepared token ids (no spaCy, no datasets) and gives the
     trainer's own test figures for a run trained from that folder."""
     prepared = tmp_path / "prepared"
-    result = cli("prepare", "--dataset", str(hub_imdb), "--num_proc=1", f"--output_dir={prepared}")
+    result = run_cli("prepare", "--dataset", str(hub_imdb), "--num_proc=1", f"--output_dir={prepared}")
     assert result.returncode == 0, result.stderr
     values = {
         "prepared": str(prepared),
@@ -297,7 +288,7 @@ def test_evaluate_from_a_prepared_folder(hub_imdb: Path, tmp_path: Path) -> None
     }
     metrics = train(build_config(None, values))
     output = tmp_path / "eval.json"
-    result = cli(
+    result = run_cli(
         "evaluate",
         "--model",
         str(tmp_path / "run" / "best"),
@@ -315,7 +306,7 @@ def test_evaluate_from_a_prepared_folder(hub_imdb: Path, tmp_path: Path) -> None
     assert figures["loss"] == pytest.approx(metrics["test_loss"], rel=1e-4)
     # --max_eval_samples cuts the folder's test split as a training run's does: the same 20 reviews
     cut = train(build_config(None, {**values, "output_dir": str(tmp_path / "cut"), "max_eval_samples": 20}))
-    result = cli("evaluate", "--model", str(tmp_path / "cut" / "best"), "--prepared", str(prepared),
+    result = run_cli("evaluate", "--model", str(tmp_path / "cut" / "best"), "--prepared", str(prepared),
                  "--max_eval_samples=20", "--output", str(output), "--device", "cpu")  # fmt: skip
     assert result.returncode == 0, result.stderr
     figures = json.loads(output.read_text())
@@ -341,7 +332,7 @@ def test_an_ensemble_of_a_forward_and_a_backward_checkpoint(hub_imdb: Path, tmp_
     the figures scripts/ensemble.py computes from the two runs' saved test logits; `sentiment predict --model A,B`
     labels by the ensemble; a malformed list is refused."""
     prepared = tmp_path / "prepared"
-    result = cli("prepare", "--dataset", str(hub_imdb), "--num_proc=1", f"--output_dir={prepared}")
+    result = run_cli("prepare", "--dataset", str(hub_imdb), "--num_proc=1", f"--output_dir={prepared}")
     assert result.returncode == 0, result.stderr
     runs = []
     for name, reverse in (("forward", False), ("backward", True)):
@@ -360,7 +351,9 @@ def test_an_ensemble_of_a_forward_and_a_backward_checkpoint(hub_imdb: Path, tmp_
 
     output = tmp_path / "eval.json"
     spec = ",".join(str(run / "best") for run in runs)
-    result = cli("evaluate", "--model", spec, "--prepared", str(prepared), "--output", str(output), "--device", "cpu")
+    result = run_cli(
+        "evaluate", "--model", spec, "--prepared", str(prepared), "--output", str(output), "--device", "cpu"
+    )
     assert result.returncode == 0, result.stderr
     saved = []
     for run in runs:
@@ -371,8 +364,8 @@ def test_an_ensemble_of_a_forward_and_a_backward_checkpoint(hub_imdb: Path, tmp_
     assert figures["count"] == expected["count"] and figures["accuracy"] == pytest.approx(expected["accuracy"])
     assert figures["loss"] == pytest.approx(expected["loss"], rel=1e-4)
 
-    result = cli("predict", "--model", spec, "--device", "cpu", *texts)
+    result = run_cli("predict", "--model", spec, "--device", "cpu", *texts)
     assert result.returncode == 0, result.stderr
     assert [line.split("\t")[0] for line in result.stdout.strip().splitlines()] == [p["label"] for p in ensemble(texts)]
-    result = cli("predict", "--model", spec + ",", "good")
+    result = run_cli("predict", "--model", spec + ",", "good")
     assert result.returncode != 0 and "empty entry" in result.stderr

@@ -18,6 +18,7 @@ from typing import Any
 import optuna
 import pytest
 import yaml
+from conftest import run_cli
 
 from sentiment.config import build_config, parse_command_line
 from sentiment.sweep import SweepError, _sampler, _suggest, agent_command, load_sweep, run_sweep
@@ -78,18 +79,6 @@ def read_csv(path: Path) -> list[dict[str, str]]:
     """The rows of results.csv."""
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
-
-
-def sentiment_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``python -m sentiment.cli ARGS`` in the repository, with the test session's environment."""
-    return subprocess.run(
-        [sys.executable, "-m", "sentiment.cli", *args],
-        cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -476,7 +465,7 @@ def test_report_table_plots_and_best_checkpoint(grid_sweep: Path) -> None:
     generated = {name: (grid_sweep / name).read_text() for name in ("results.csv", "results.md")}
     for name in ("results.csv", "results.md", "parallel_coordinates.png", "metric_vs_parameters.png"):
         (grid_sweep / name).unlink()
-    result = sentiment_cli("report", str(grid_sweep))
+    result = run_cli("report", str(grid_sweep))
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"| **{best} (best)** |" in result.stdout
     for name, text in generated.items():
@@ -705,7 +694,7 @@ def test_cli_sweep_runs_and_prints_the_table(hub_imdb: Path, tmp_path: Path) -> 
     overrides and prints results.md."""
     path = write_spec(tmp_path / "cli.yaml", base_spec(name="cli", parameters={"hidden_dim": {"values": [6]}}))
     sweep_dir = tmp_path / "sweep"
-    result = sentiment_cli(
+    result = run_cli(
         "sweep",
         str(path),
         "--count",
@@ -729,7 +718,7 @@ def test_cli_sweep_runs_and_prints_the_table(hub_imdb: Path, tmp_path: Path) -> 
 def test_cli_bad_sweep_file_exits_2_with_the_message(tmp_path: Path) -> None:
     """A bad sweep file: exit code 2, the SweepError's message on stderr, no traceback, nothing created."""
     path = write_spec(tmp_path / "bad.yaml", base_spec(method="hyperopt"))
-    result = sentiment_cli("sweep", str(path), "--count", "1", "--sweep_dir", str(tmp_path / "sweep"))
+    result = run_cli("sweep", str(path), "--count", "1", "--sweep_dir", str(tmp_path / "sweep"))
     assert result.returncode == 2
     assert "method must be one of" in result.stderr and "'hyperopt'" in result.stderr
     assert "Traceback" not in result.stderr
@@ -738,7 +727,7 @@ def test_cli_bad_sweep_file_exits_2_with_the_message(tmp_path: Path) -> None:
 
 def test_cli_report_on_a_folder_without_a_sweep_exits_2(tmp_path: Path) -> None:
     """`sentiment report` on a folder that holds no sweep says so (its own message) without a traceback."""
-    result = sentiment_cli("report", str(tmp_path))
+    result = run_cli("report", str(tmp_path))
     assert result.returncode == 2
     assert "is not a sweep folder" in result.stderr
     assert "Traceback" not in result.stderr
