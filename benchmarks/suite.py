@@ -51,6 +51,8 @@ CONFIGS = {
 PLAIN_LOOP_CONFIGS = ("lstm", "bilstm")  # the report's models, which the plain loop builds
 PATHS = {  # the trainer's execution paths: config flags ("default": what the config does on this device)
     "default": {},
+    "whole batches": {"max_step_tokens": None},  # no batch split into groups of rows: more memory
+    "groups of 64k tokens": {"max_step_tokens": 65536},  # half the default group: less memory
     "fused+graphs": {"rnn_input": "fused"},
     "fused": {"rnn_input": "fused", "cuda_graphs": False},
     "padded+graphs": {"rnn_input": "padded"},
@@ -177,6 +179,9 @@ def train_run(
         "peak allocated GiB": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0,
         "peak reserved GiB": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0,
         "memory plan": memory.get("plan", "cpu"),
+        "plan reserved GiB": memory.get("plan_reserved_gib", 0.0),  # graphs' pool + model, before the first step
+        # what the process still holds once training is over and the graphs' pool is freed
+        "reserved after close GiB": graphs.get("reserved_after_close_gib", 0.0),
         "valid acc": metrics["valid_acc"],
         "test acc": metrics["test_acc"],
         "best epoch": metrics["best_epoch"],

@@ -69,21 +69,25 @@ def train_step(
 
     ``batch`` holds ``input_ids``, ``lengths``, ``labels`` and optionally ``weights`` (1 for a real review, 0 for
     a filler row of a fixed-shape batch; all 1 when absent), ``labels`` and ``weights`` on the model's device.
-    ``chunk_tokens`` splits a batch of more than that many tokens (rows x length) into groups of rows run one after
-    another, their gradients summed before the one optimizer step (the same step, in less memory; a wrapped
-    ``DistributedDataParallel`` model synchronises once, on the last group). ``backward`` replaces
-    ``loss.backward()`` (Accelerate's, with its gradient scaler) and ``unscale`` runs before clipping (the scaler's
-    unscaling). ``denominator`` replaces the batch's review count in the mean: under several processes, whose
-    gradients ``DistributedDataParallel`` averages, the step's reviews on all processes over their number, so
-    that every review of the step weighs the same whatever the size of its process's batch. A step whose gradients
-    are not finite changes them to zero (``zero_nonfinite_gradients``) and adds 1 to ``nonfinite_steps``."""
+    ``chunk_tokens`` splits a batch of more than that many tokens (rows x length) into as few groups of rows as
+    keep within it, of even size, run one after another, their gradients summed before the one optimizer step (the
+    same step, in less memory; a wrapped ``DistributedDataParallel`` model synchronises once, on the last group).
+    ``backward`` replaces ``loss.backward()`` (Accelerate's, with its gradient scaler) and ``unscale`` runs before
+    clipping (the scaler's unscaling). ``denominator`` replaces the batch's review count in the mean: under several
+    processes, whose gradients ``DistributedDataParallel`` averages, the step's reviews on all processes over their
+    number, so that every review of the step weighs the same whatever the size of its process's batch. A step whose
+    gradients are not finite changes them to zero (``zero_nonfinite_gradients``) and adds 1 to
+    ``nonfinite_steps``."""
     input_ids, lengths, labels = batch["input_ids"], batch["lengths"], batch["labels"]
     weights = batch.get("weights")
     if weights is None:
         weights = torch.ones_like(labels)
     count = weights.sum()
     rows, steps = input_ids.shape
-    chunk = rows if not chunk_tokens else max(1, min(rows, chunk_tokens // max(steps, 1)))
+    chunk = rows
+    if chunk_tokens:  # as few groups as chunk_tokens allows, of even size: the same work in the least memory
+        groups = -(-rows // max(1, min(rows, chunk_tokens // max(steps, 1))))
+        chunk = -(-rows // groups)
     starts = range(0, rows, chunk)
     loss_sum = correct = None
     for index, start in enumerate(starts):

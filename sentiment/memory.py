@@ -4,7 +4,8 @@ A training step's memory grows with the batch's tokens (rows x bucketed length),
 batch of the run in advance (the sampler is seeded). So before the first step it tries, on the longest batch, the
 fastest way that fits, and keeps it for the whole run:
 
-1. ``graphs``: every batch shape captured as a CUDA graph, largest first, in one shared memory pool;
+1. ``graphs``: every batch shape captured as a CUDA graph, largest first, in one shared memory pool; if they do
+   not fit, the same with batches split into groups of rows 2, 4 or 8 times smaller (``graphs, split``);
 2. ``eager``: the same fixed-shape steps run one by one (no pool kept between steps);
 3. ``eager, split``: as 2, with batches run as groups of fewer rows than that.
 
@@ -37,6 +38,7 @@ from sentiment.graphs import GraphedTrainStep, dummy_batch, tokens, train_step, 
 logger = logging.getLogger(__name__)
 
 GiB = 2**30
+GRAPH_SPLIT_LIMIT = 8  # graphs whose longest batch runs in more groups than this are slower than eager steps
 
 
 class MemoryPlanError(ConfigError):
@@ -46,11 +48,11 @@ class MemoryPlanError(ConfigError):
 
 @dataclass
 class StepPlan:
-    """How training steps and evaluation run: ``mode`` is ``graphs``, ``eager`` or ``eager, split`` (groups of
-    fewer rows than ``max_step_tokens`` allows); ``chunk_tokens`` the most tokens one forward/backward takes (None:
-    any); ``eval_tokens`` the most
-    tokens one evaluation forward takes; ``reserved_gib`` the GPU memory reserved once the plan was in place;
-    ``graph_step`` the captured graphs (``graphs`` only); ``seconds`` the time the choice took (captures included)."""
+    """How training steps and evaluation run: ``mode`` is ``graphs``, ``graphs, split``, ``eager`` or ``eager,
+    split`` (``split``: groups of fewer rows than ``max_step_tokens`` allows); ``chunk_tokens`` the most tokens one
+    forward/backward takes (None: any); ``eval_tokens`` the most tokens one evaluation forward takes;
+    ``reserved_gib`` the GPU memory reserved once the plan was in place; ``graph_step`` the captured graphs (graph
+    modes only); ``seconds`` the time the choice took (captures included)."""
 
     mode: str
     chunk_tokens: int | None
@@ -63,6 +65,7 @@ class StepPlan:
         """One line for the log."""
         what = {
             "graphs": "CUDA graphs",
+            "graphs, split": "CUDA graphs, more split than max_step_tokens asks (whole groups do not fit)",
             "eager": "eager steps (CUDA graphs do not fit)",
             "eager, split": "eager steps, more split than max_step_tokens asks (a whole group does not fit)",
         }[self.mode]
@@ -80,7 +83,10 @@ def use_expandable_segments() -> None:
     (``benchmarks/results/h100-2026-12-07/graph-pool.txt``); eager steps of changing shapes fragment less too."""
     if not torch.cuda.is_available() or "PYTORCH_CUDA_ALLOC_CONF" in os.environ:
         return
-    settings = getattr(torch.cuda.memory, "_set_allocator_settings", None)
+    # No public setter once CUDA is up; torch 2.10 renamed the private one (the old name warns).
+    settings = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or getattr(
+        torch.cuda.memory, "_set_allocator_settings", None
+    )
     if settings is not None:
         settings("expandable_segments:True")
 
@@ -180,19 +186,22 @@ def plan_steps(
     capped = max_step_tokens is not None and tokens(largest) > max_step_tokens
     chunk_tokens = max_step_tokens if capped else None
     torch.cuda.empty_cache()
-    if graphs:
-        graph_step = GraphedTrainStep(model, optimizer, max_grad_norm, chunk_tokens)
+    graph_tokens = chunk_tokens
+    while graphs:  # graphs of whole groups first, then of groups 2, 4, 8 times smaller: still faster than eager
+        graph_step = GraphedTrainStep(model, optimizer, max_grad_norm, graph_tokens)
         try:
             graph_step.capture(train_shapes)
-            eval_tokens = _eval_tokens(model, eval_shape, chunk_tokens or tokens(largest), pad_id, device)
-        except RuntimeError as err:  # out of memory, or a capture that failed after it: eager steps then
+            eval_tokens = _eval_tokens(model, eval_shape, graph_tokens or tokens(largest), pad_id, device)
+        except RuntimeError as err:  # out of memory, or a capture that failed after it
             logger.info("CUDA graphs do not fit: %s", str(err).splitlines()[0][:200])
             eval_tokens = 0
         if eval_tokens:
-            reserved = torch.cuda.memory_reserved(device) / GiB
-            return StepPlan("graphs", chunk_tokens, eval_tokens, reserved, graph_step)
+            mode = "graphs" if graph_tokens == chunk_tokens else "graphs, split"
+            return StepPlan(mode, graph_tokens, eval_tokens, torch.cuda.memory_reserved(device) / GiB, graph_step)
         graph_step.close()
         del graph_step
+        graph_tokens = (graph_tokens or tokens(largest)) // 2
+        graphs = graph_tokens >= tokens(largest) // GRAPH_SPLIT_LIMIT
     torch.cuda.empty_cache()
     allowed_rows = max(1, min(rows, chunk_tokens // steps)) if chunk_tokens else rows  # what max_step_tokens allows
     chunk_rows = allowed_rows

@@ -391,6 +391,7 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
     if graph_step is not None:  # training is over: give the graphs' memory back before testing
         graph_figures = {"shapes": len(graph_step.graphs), "capture_seconds": graph_step.capture_seconds}
         graph_step.close()
+        graph_figures["reserved_after_close_gib"] = torch.cuda.memory_reserved(accelerator.device) / GiB
     unwrapped = accelerator.unwrap_model(model)
     # Only the main process wrote best/ (other hosts may have their own disks): it reads and sends the weights.
     best_dir = existing_dir(output_dir / "best") if accelerator.is_main_process else None
@@ -538,6 +539,7 @@ def _metrics(
             "chunk_tokens": plan.chunk_tokens,
             "eval_tokens": plan.eval_tokens,
             "plan_seconds": plan.seconds,
+            "plan_reserved_gib": plan.reserved_gib,
             "peak_reserved_gib": torch.cuda.max_memory_reserved(accelerator.device) / GiB,
             "device": torch.cuda.get_device_name(accelerator.device),
         },
