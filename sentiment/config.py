@@ -59,7 +59,7 @@ class TrainConfig:
     max_vocab_size: int = _key(20000, "data", "vocabulary size (most frequent training tokens)")
     min_freq: int = _key(1, "data", "least count for a token to enter the vocabulary")
     vectors: str = _key("glove-6b-50d", "model", "word vectors: glove-6b-50d, a GloVe .txt/.zip, or none")
-    embedding_dim: int = _key(100, "model", "embedding size when vectors is none")
+    embedding_dim: int = _key(100, "model", "embedding size with vectors none; else leave out or match the vectors")
     oov_init: Literal["zeros", "random"] = _key("zeros", "model", "start of the words the vectors lack")
     freeze_embeddings: bool = _key(False, "model", "keep the embedding fixed")
     hidden_dim: int = _key(100, "model", "LSTM hidden size per direction")
@@ -96,7 +96,6 @@ class TrainConfig:
     warmup_ratio: float = _key(0.0, "training", "share of the steps warming the lr up")
     lr_layer_decay: float = _key(1.0, "language model", "lr factor per layer below the head; 1: one lr")
     gradual_unfreezing: bool = _key(False, "language model", "train the head first, one layer more per epoch")
-    unfreeze_warmup: float = _key(0.0, "language model", "epochs over which an unfrozen layer's lr ramps up")
     early_stopping_patience: int | None = _key(
         None, "training", "stop after N epochs with no validation gain; null: never"
     )
@@ -217,8 +216,8 @@ RESUME_FIXED: dict[str, str] = _each_key(
         "saved weights and optimizer state belong to the saved model",
         ("lr", "optimizer", "weight_decay", "lr_layer_decay"): "the saved optimizer state holds the saved value, "
         "which would replace the new one unseen",
-        ("lr_schedule", "warmup_ratio", "gradual_unfreezing", "unfreeze_warmup"): "the saved scheduler state and "
-        "the finished steps follow the saved schedule",
+        ("lr_schedule", "warmup_ratio", "gradual_unfreezing"): "the saved scheduler state and the finished steps "
+        "follow the saved schedule",
         ("seed", "batch_size"): "the batches of every epoch (and the steps of a schedule) follow it: a run resumed "
         "mid-epoch would skip other reviews",
         ("dropout", "embedding_dropout", "weight_dropout", "truncate_bptt", "max_grad_norm"): "the finished "
@@ -262,7 +261,6 @@ def _range_problems(cfg: TrainConfig) -> list[str | None]:
         check(cfg.bptt >= 2, f"bptt must be >= 2 (got {cfg.bptt})"),
         check(cfg.weight_decay >= 0, f"weight_decay must be >= 0 (got {cfg.weight_decay})"),
         check(0 <= cfg.warmup_ratio < 1, f"warmup_ratio must be in [0, 1) (got {cfg.warmup_ratio})"),
-        check(cfg.unfreeze_warmup >= 0, f"unfreeze_warmup must be >= 0 epochs (got {cfg.unfreeze_warmup})"),
         check(
             cfg.early_stopping_patience is None or cfg.early_stopping_patience >= 1,
             f"early_stopping_patience must be >= 1, or null for none (got {cfg.early_stopping_patience})",

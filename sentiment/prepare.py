@@ -130,7 +130,8 @@ class PreparedData:
         folder holds fewer reviews than asked because it was prepared with a smaller cut (a ``ConfigError``).
         Vectors only initialise the embedding, so ``vectors: none`` also runs on data prepared with vectors:
         the same token ids, an embedding of the config's ``embedding_dim`` started at random. On data prepared
-        without vectors, ``embedding_dim`` is the config's when it sets one; with vectors, the vectors' dimension.
+        without vectors, ``embedding_dim`` is the config's when it sets one; with vectors, the vectors' dimension,
+        and a config that sets ``embedding_dim`` to another is a ``ConfigError`` (``check_embedding_dim``).
         """
         folder = cfg.prepared or "the prepared data"
         _check_data_keys(self, cfg, folder)
@@ -141,6 +142,8 @@ class PreparedData:
             embeddings = None
         elif embeddings is None and cfg.embedding_dim != _DEFAULTS["embedding_dim"]:
             keys.update(embedding_dim=cfg.embedding_dim)
+        elif embeddings is not None:
+            check_embedding_dim(cfg, int(embeddings.shape[1]), str(self.info.get("vectors", cfg.vectors)), folder)
         self._cut(cfg, folder)
         keys.update({key: self.info[key] for key in ("max_train_samples", "max_eval_samples") if key in self.info})
         return dataclasses.replace(cfg, **keys), embeddings
@@ -184,8 +187,24 @@ class PreparedData:
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 # Data keys a run may set with --prepared: where the raw data was (``dataset``), the cuts (applied to the folder's
-# splits) and the embedding size (the vectors' dimension, or the config's for a random embedding).
+# splits) and the embedding size (the config's for a random embedding; with vectors it must equal their dimension,
+# which ``check_embedding_dim`` checks).
 _KEYS_A_RUN_SETS = ("dataset", "max_train_samples", "max_eval_samples", "embedding_dim")
+
+
+def check_embedding_dim(cfg: TrainConfig, dim: int, vectors: str, where: str | None = None) -> None:
+    """Raise a ``ConfigError`` when ``cfg`` sets ``embedding_dim`` to other than ``dim``, the dimension of the
+    ``vectors`` the embedding starts from. Left at its default, ``embedding_dim`` counts as unset (as a data key
+    does in ``_check_data_keys``) and follows the vectors."""
+    asked = cfg.embedding_dim
+    if asked in (dim, _DEFAULTS["embedding_dim"]):
+        return
+    place = f" of {where}" if where else ""
+    raise ConfigError(
+        f"embedding_dim {asked} does not match the {dim}-d vectors {vectors}{place}: the embedding starts from the "
+        f"vectors, so its size follows them. Remove embedding_dim from the config and the flags, set it to {dim}, "
+        f"or use --vectors none (a random {asked}-d embedding) or a {asked}-d GloVe file"
+    )
 
 
 def _check_data_keys(data: PreparedData, cfg: TrainConfig, folder: str) -> None:
@@ -257,8 +276,10 @@ def prepare_data(cfg: TrainConfig, cache_dir: str | None = None) -> PreparedData
     """Run the data stages for ``cfg``: load, split, pretokenize, build the vocabulary on train, encode, vectors."""
     from sentiment.data import load_imdb, split_imdb
     from sentiment.text import PAD_ID, build_vocabulary, encode_splits, pretokenize_splits
-    from sentiment.vectors import embedding_matrix
+    from sentiment.vectors import embedding_matrix, vectors_dim
 
+    if cfg.vectors.lower() != "none":  # before the slow stages: a wrong size is a config error, not a late surprise
+        check_embedding_dim(cfg, vectors_dim(cfg.vectors), cfg.vectors)
     raw = load_imdb(cfg.dataset, cache_dir=cache_dir)
     splits = split_imdb(
         raw,

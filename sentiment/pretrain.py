@@ -32,7 +32,7 @@ from sentiment.checkpoint import save_best
 from sentiment.config import ConfigError, TrainConfig
 from sentiment.files import write_atomic
 from sentiment.lm import LSTMLanguageModel
-from sentiment.optim import LRFactor
+from sentiment.optim import build_schedule
 from sentiment.prepare import PreparedData, prepare_data
 from sentiment.tracking import plot_curves
 from sentiment.training import finish
@@ -146,10 +146,8 @@ def _pretrain(accelerator: Accelerator, cfg: TrainConfig) -> dict[str, Any]:
     valid = token_streams([data.splits["validation"]], cfg.eval_batch_size * accelerator.num_processes, cfg.reverse)
     valid = valid[accelerator.process_index :: accelerator.num_processes]
 
-    scheduler = None
-    if cfg.lr_schedule != "constant":  # the classifier's schedules (LRFactor), over all windows of all epochs
-        steps_per_epoch = len(window_starts(streams, cfg.bptt))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer, LRFactor(cfg, cfg.epochs * steps_per_epoch))
+    # the classifier's schedules, over all windows of all epochs (one parameter group, depth 0: none is frozen)
+    scheduler = build_schedule(cfg, optimizer.optimizer, steps_per_epoch=len(window_starts(streams, cfg.bptt)))
     history: list[dict[str, float]] = []
     best_loss = math.inf
     for epoch in range(cfg.epochs):

@@ -45,7 +45,7 @@ from sentiment.hub import push_checkpoint, require_push_access, write_model_card
 from sentiment.lm import init_from_language_model
 from sentiment.memory import GiB, StepPlan, plan_steps, use_expandable_segments
 from sentiment.model import LSTMClassifier
-from sentiment.optim import build_optimizer, lr_factors, rebuild_schedule
+from sentiment.optim import build_optimizer, build_schedule, resume_schedule
 from sentiment.predict import write_logits
 from sentiment.prepare import PreparedData, prepare_data
 from sentiment.tracking import plot_curves, start_wandb
@@ -305,12 +305,9 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
     )
     valid_loader = make_dataloader(data.splits["validation"], cfg.eval_batch_size, pad_id, train=False, **shard)
     test_loader = make_dataloader(data.splits["test"], cfg.eval_batch_size, pad_id, train=False, **shard)
-    scheduler = None
-    if cfg.lr_schedule != "constant" or cfg.gradual_unfreezing:
-        steps_per_epoch = len(train_loader.batch_sampler.global_batches()) // accelerator.num_processes
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer.optimizer, lr_factors(cfg, optimizer.optimizer, steps_per_epoch)
-        )
+    steps_per_epoch = len(train_loader.batch_sampler.global_batches()) // accelerator.num_processes
+    scheduler = build_schedule(cfg, optimizer.optimizer, steps_per_epoch)
+    if scheduler is not None:
         accelerator.register_for_checkpointing(scheduler)  # saved with the state, restored by --resume
 
     stop = StopSignal()
@@ -331,8 +328,7 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
             if torch.is_tensor(group["lr"]):
                 group["lr"] = group["lr"].to(accelerator.device)
         if scheduler is not None:  # restored with the saved run's total of steps: follow this run's epochs
-            factors = lr_factors(cfg, optimizer.optimizer, steps_per_epoch)
-            rebuild_schedule(scheduler, factors, cfg.epochs, log=accelerator.is_main_process)
+            resume_schedule(scheduler, cfg, steps_per_epoch, log=accelerator.is_main_process)
         resume_early_stop(state, cfg, log=accelerator.is_main_process)
     plan = None  # on a GPU, chosen after a resume has loaded the optimizer's state: graphs hold its tensors
     if accelerator.device.type == "cuda":

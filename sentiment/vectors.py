@@ -22,6 +22,7 @@ from sentiment.text import PAD_ID, SPECIAL_TOKENS
 logger = logging.getLogger(__name__)
 
 PACKAGED_GLOVE = "glove-6b-50d"
+PACKAGED_GLOVE_DIM = 50
 
 
 class VectorsError(ValueError):
@@ -84,16 +85,40 @@ def _zip_path(spec: str) -> Path:
     return Path(spec.split("#")[0]) if ".zip#" in spec else Path(spec)
 
 
-def read_glove(spec: str, wanted: Iterable[str]) -> dict[str, np.ndarray]:
-    """Read the vectors of the ``wanted`` words from a GloVe text file (or zip); validate every line."""
-    wanted = set(wanted)
-    if spec == PACKAGED_GLOVE:
-        return _packaged_glove(wanted)
+def _check_file(spec: str) -> None:
     if not _zip_path(spec).is_file():
         raise VectorsError(
             f"vectors file not found: {spec}. Use vectors: {PACKAGED_GLOVE} (offline default), none, or a path to "
             "a GloVe .txt or .zip file"
         )
+
+
+def vectors_dim(spec: str) -> int:
+    """The dimension of the vectors ``spec`` names: 50 for ``glove-6b-50d``, else the number of values on the
+    file's first line (``read_glove`` checks that every line has as many), read without loading the file."""
+    if spec == PACKAGED_GLOVE:
+        return PACKAGED_GLOVE_DIM
+    _check_file(spec)
+    lines = _open_lines(spec)
+    try:
+        for number, line in enumerate(lines, start=1):
+            line = line.rstrip("\n").rstrip(" ")
+            if line:
+                word, _, rest = line.partition(" ")
+                if not rest:
+                    raise VectorsError(f"{spec} line {number}: no numbers after the word {word!r}; not a GloVe file")
+                return rest.count(" ") + 1
+    finally:
+        lines.close()
+    raise VectorsError(f"vectors file {spec} is empty")
+
+
+def read_glove(spec: str, wanted: Iterable[str]) -> dict[str, np.ndarray]:
+    """Read the vectors of the ``wanted`` words from a GloVe text file (or zip); validate every line."""
+    wanted = set(wanted)
+    if spec == PACKAGED_GLOVE:
+        return _packaged_glove(wanted)
+    _check_file(spec)
     found: dict[str, np.ndarray] = {}
     dim = None
     for number, line in enumerate(_open_lines(spec), start=1):

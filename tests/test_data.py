@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -553,3 +554,83 @@ def test_training_from_a_prepared_folder_applies_max_samples(hub_imdb: Path, tmp
     assert json.loads((run / "metrics.json").read_text())["sizes"] == metrics["sizes"]
     recorded = yaml.safe_load((run / "config.yaml").read_text())
     assert (recorded["max_train_samples"], recorded["max_eval_samples"]) == (30, 20)
+
+
+# ------------------------------------------------------------------ embedding_dim against the vectors' dimension
+
+
+@pytest.fixture(scope="module")
+def glove_folder(hub_imdb: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A prepared folder of the fixture reviews with the packaged 50-d GloVe vectors (the default)."""
+    root = tmp_path_factory.mktemp("glove_prepared")
+    cfg = build_config(None, {"dataset": str(hub_imdb), "num_proc": 1})
+    return prepare_data(cfg, cache_dir=str(root / "cache")).save(root / "prepared")
+
+
+def test_embedding_dim_other_than_the_vectors_is_refused(
+    hub_imdb: Path, glove_folder: Path, glove_txt: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """With vectors, an embedding_dim set to another size than theirs is a ConfigError naming both sizes, the
+    vectors and the fixes: from `sentiment prepare` (before any review is read), from a prepared folder, and for a
+    GloVe file of any dimension. It used to be replaced by the vectors' dimension without a word."""
+    from sentiment.cli import main
+
+    with pytest.raises(ConfigError) as raised:  # the dataset does not exist: the check comes first
+        prepare_data(build_config(None, {"dataset": "/nonexistent", "embedding_dim": 64}))
+    message = str(raised.value)
+    assert "embedding_dim 64 does not match the 50-d vectors glove-6b-50d" in message
+    assert "Remove embedding_dim" in message and "set it to 50" in message
+    assert "--vectors none" in message and "64-d GloVe file" in message
+    folder_cfg = build_config(None, {"prepared": str(glove_folder), "embedding_dim": 64})
+    folder_name = re.escape(str(glove_folder))
+    with pytest.raises(ConfigError, match=rf"64 does not match the 50-d vectors glove-6b-50d of {folder_name}: "):
+        PreparedData.load(glove_folder).resolve(folder_cfg)
+    file_cfg = build_config(None, {"dataset": str(hub_imdb), "vectors": str(glove_txt), "embedding_dim": 50})
+    with pytest.raises(ConfigError, match=rf"50 does not match the 4-d vectors {re.escape(str(glove_txt))}: .*to 4"):
+        prepare_data(file_cfg)
+    code = main(["prepare", f"--dataset={hub_imdb}", "--embedding_dim=64", f"--output_dir={tmp_path / 'out'}"])
+    assert code == 2
+    assert "error: embedding_dim 64 does not match the 50-d vectors glove-6b-50d" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_embedding_dim_left_out_follows_the_vectors(hub_imdb: Path, glove_folder: Path, glove_txt: Path) -> None:
+    """embedding_dim left at its default (100) takes the vectors' dimension, prepared or not."""
+    data = PreparedData.load(glove_folder)
+    assert data.info["embedding_dim"] == 50
+    resolved, embeddings = data.resolve(build_config(None, {"prepared": str(glove_folder)}))
+    assert resolved.embedding_dim == 50
+    assert embeddings is not None and embeddings.shape == (data.tokenizer.get_vocab_size(), 50)
+    cfg = build_config(None, {"dataset": str(hub_imdb), "vectors": str(glove_txt), "num_proc": 1})
+    direct = prepare_data(cfg)
+    resolved, embeddings = direct.resolve(cfg)
+    assert (direct.info["embedding_dim"], resolved.embedding_dim) == (4, 4)
+    assert embeddings is not None and embeddings.shape[1] == 4
+
+
+def test_embedding_dim_equal_to_the_vectors_is_accepted(hub_imdb: Path, glove_folder: Path, glove_txt: Path) -> None:
+    """embedding_dim set to the vectors' own dimension is no error, on a prepared folder or raw data."""
+    resolved, embeddings = PreparedData.load(glove_folder).resolve(
+        build_config(None, {"prepared": str(glove_folder), "embedding_dim": 50})
+    )
+    assert resolved.embedding_dim == 50 and embeddings is not None and embeddings.shape[1] == 50
+    cfg = build_config(None, {"dataset": str(hub_imdb), "vectors": str(glove_txt), "embedding_dim": 4, "num_proc": 1})
+    resolved, embeddings = prepare_data(cfg).resolve(cfg)
+    assert resolved.embedding_dim == 4 and embeddings is not None and embeddings.shape[1] == 4
+
+
+def test_embedding_dim_without_vectors_is_the_configs(hub_imdb: Path, glove_folder: Path) -> None:
+    """With vectors: none the config's embedding_dim is used, whatever it is: on raw data, and on a folder
+    prepared with 50-d vectors (a random embedding over its token ids)."""
+    cfg = build_config(None, {"dataset": str(hub_imdb), "vectors": "none", "embedding_dim": 64, "num_proc": 1})
+    data = prepare_data(cfg)
+    resolved, embeddings = data.resolve(cfg)
+    assert (data.embeddings, embeddings, data.info["embedding_dim"], resolved.embedding_dim) == (None, None, 64, 64)
+    resolved, embeddings = PreparedData.load(glove_folder).resolve(
+        build_config(None, {"prepared": str(glove_folder), "vectors": "none", "embedding_dim": 64})
+    )
+    assert (resolved.vectors, resolved.embedding_dim, embeddings) == ("none", 64, None)
+    left_out, _ = data.resolve(build_config(None, {"vectors": "none"}))
+    assert left_out.embedding_dim == 64  # the size the folder was prepared with
+    left_out, _ = PreparedData.load(glove_folder).resolve(build_config(None, {"vectors": "none"}))
+    assert left_out.embedding_dim == 100  # the default size of a random embedding

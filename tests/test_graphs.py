@@ -17,7 +17,7 @@ from sentiment.batching import PadCollator, bucket_length
 from sentiment.config import build_config
 from sentiment.graphs import GraphedTrainStep, train_step, zero_nonfinite_gradients
 from sentiment.model import LSTMClassifier
-from sentiment.optim import LRFactor, build_optimizer
+from sentiment.optim import build_optimizer, build_schedule
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -174,18 +174,12 @@ def test_graph_replay_follows_per_group_schedules() -> None:
     exactly as they were); the weights follow eager steps with the same schedule."""
     torch.manual_seed(0)
     device = torch.device("cuda")
-    options = {"lr": 0.01, "lr_layer_decay": 0.5, "gradual_unfreezing": True, "lr_schedule": "onecycle"}
+    options = {"lr": 0.01, "lr_layer_decay": 0.5, "gradual_unfreezing": True, "lr_schedule": "onecycle", "epochs": 6}
     cfg = build_config(None, {**options, "optimizer": "adamw", "weight_decay": 0.01})
     eager = LSTMClassifier(80, 8, 16, 2, False, dropout=0.0, rnn_input="padded", pooling="concat").to(device)
     graphed = copy.deepcopy(eager)
     eager_opt, graph_opt = (build_optimizer(cfg, model, True, device) for model in (eager, graphed))
-    steps_per_epoch, epochs = 1, 6
-    schedulers = [
-        torch.optim.lr_scheduler.LambdaLR(
-            opt, [LRFactor(cfg, epochs * steps_per_epoch, steps_per_epoch, g["depth"]) for g in opt.param_groups]
-        )
-        for opt in (eager_opt, graph_opt)
-    ]
+    schedulers = [build_schedule(cfg, opt, steps_per_epoch=1) for opt in (eager_opt, graph_opt)]  # 6 epochs of 1 step
     step = GraphedTrainStep(graphed, graph_opt, max_grad_norm=1.0)
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     collate = PadCollator(pad_id=1, fixed_rows=8)

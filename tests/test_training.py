@@ -283,7 +283,8 @@ def test_prepared_folder_trains_like_raw_data(hub_imdb: Path, tmp_path: Path) ->
 
 def test_random_embedding_on_data_prepared_with_vectors(hub_imdb: Path, tmp_path: Path) -> None:
     """`vectors: none` on a folder prepared with GloVe trains on the folder's token ids with a random embedding of
-    the config's embedding_dim, and the run's config.yaml says so; the folder's GloVe still serves other runs."""
+    the config's embedding_dim, and the run's config.yaml says so; the folder's GloVe still serves other runs, whose
+    embedding_dim follows the vectors (another size is refused, not replaced)."""
     prepared = prepare_data(tiny_config(hub_imdb, tmp_path / "unused"))
     assert prepared.embeddings is not None and prepared.embeddings.shape[1] == 50
     prepared.save(tmp_path / "prepared")
@@ -299,9 +300,11 @@ def test_random_embedding_on_data_prepared_with_vectors(hub_imdb: Path, tmp_path
     model = LSTMClassifier.from_pretrained(run / "best")
     assert tuple(model.embedding.weight.shape) == (prepared.tokenizer.get_vocab_size(), 12)
     glove_run = tmp_path / "glove"
-    train(tiny_config("/nonexistent", glove_run, prepared=str(tmp_path / "prepared"), embedding_dim=12, epochs=1))
+    train(tiny_config("/nonexistent", glove_run, prepared=str(tmp_path / "prepared"), epochs=1))
     resolved = yaml.safe_load((glove_run / "config.yaml").read_text())
     assert (resolved["vectors"], resolved["embedding_dim"]) == ("glove-6b-50d", 50)
+    with pytest.raises(ConfigError, match="embedding_dim 12 does not match the 50-d vectors"):  # not replaced silently
+        train(tiny_config("/nonexistent", tmp_path / "g12", prepared=str(tmp_path / "prepared"), embedding_dim=12))
 
 
 def test_clipping_and_bf16_autocast_train(hub_imdb: Path, tmp_path: Path) -> None:

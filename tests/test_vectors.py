@@ -13,7 +13,7 @@ from conftest import NEGATIVE, NEUTRAL, POSITIVE
 from tokenizers import Tokenizer
 
 from sentiment.text import PAD_ID, PAD_TOKEN, UNK_ID, UNK_TOKEN, build_tokenizer
-from sentiment.vectors import PACKAGED_GLOVE, VectorsError, embedding_matrix, read_glove
+from sentiment.vectors import PACKAGED_GLOVE, VectorsError, embedding_matrix, read_glove, vectors_dim
 
 OOV_WORD = "qzxnotawordatall"
 FIXTURE_WORDS = [*POSITIVE, *NEGATIVE, *NEUTRAL, OOV_WORD]
@@ -291,3 +291,27 @@ def test_duplicated_word_keeps_the_first(tmp_path: Path) -> None:
     vectors = read_glove(str(path), {"the", "movie"})
     assert vectors["the"].tolist() == [1.0, 2.0, 3.0]
     assert vectors["movie"].tolist() == [4.0, 5.0, 6.0]
+
+
+# ------------------------------------------------------------------------- the dimension, read up front
+
+
+def test_vectors_dim_is_the_dimension_embedding_matrix_builds(
+    glove_txt: Path, fixture_tokenizer: Tokenizer, glove_6b: tuple[dict[str, int], np.ndarray], tmp_path: Path
+) -> None:
+    """``vectors_dim`` (what ``prepare_data`` checks embedding_dim against before tokenizing) is the width of the
+    matrix ``embedding_matrix`` builds: the packaged GloVe, a .txt file after blank lines, a zip member; an unusable
+    file is the same VectorsError as when reading it."""
+    assert vectors_dim(PACKAGED_GLOVE) == glove_6b[1].shape[1] == 50
+    assert vectors_dim(str(glove_txt)) == embedding_matrix(fixture_tokenizer, str(glove_txt)).weight.shape[1] == 4
+    assert vectors_dim(write(tmp_path, "\n\nthe 1 2 3\n")) == 3
+    archive = zip_of(tmp_path / "two.zip", {"a.txt": "the 1 2\n", "b.txt": glove_txt.read_text()})
+    assert vectors_dim(f"{archive}#b.txt") == 4
+    with pytest.raises(VectorsError, match=r"holds 2 \.txt files"):
+        vectors_dim(str(archive))
+    with pytest.raises(VectorsError, match="not found"):
+        vectors_dim(str(tmp_path / "missing.txt"))
+    with pytest.raises(VectorsError, match="empty"):
+        vectors_dim(write(tmp_path, "\n"))
+    with pytest.raises(VectorsError, match="line 2: no numbers"):
+        vectors_dim(write(tmp_path, "\nthe\n"))
