@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import logging
 import os
 import typing
 from collections.abc import Iterable, Sequence
@@ -23,6 +24,8 @@ from jsonargparse import SUPPRESS, ArgumentError, ArgumentParser, DefaultHelpFor
 
 from sentiment.files import write_atomic
 
+logger = logging.getLogger(__name__)
+
 
 class ConfigError(ValueError):
     """A config key or value is wrong; the message names the problem and the fix."""
@@ -30,6 +33,10 @@ class ConfigError(ValueError):
 
 # The groups of ``--help``, in its order; the config itself stays flat.
 GROUPS = ("data", "model", "training", "language model", "output and tracking")
+
+# The size of a random embedding (``vectors: none``) when ``embedding_dim`` is left out. With vectors, a left-out
+# ``embedding_dim`` is their dimension; ``PreparedData.resolve`` makes it concrete, so a run's config.yaml records it.
+RANDOM_EMBEDDING_DIM = 100
 
 
 def _key(default: Any, group: str, text: str) -> Any:
@@ -59,7 +66,11 @@ class TrainConfig:
     max_vocab_size: int = _key(20000, "data", "vocabulary size (most frequent training tokens)")
     min_freq: int = _key(1, "data", "least count for a token to enter the vocabulary")
     vectors: str = _key("glove-6b-50d", "model", "word vectors: glove-6b-50d, a GloVe .txt/.zip, or none")
-    embedding_dim: int = _key(100, "model", "embedding size with vectors none; else leave out or match the vectors")
+    # None (left out): the vectors' dimension, or RANDOM_EMBEDDING_DIM with vectors none. Set with vectors, it must
+    # equal their dimension (prepare.check_embedding_dim): a size the vectors cannot fill is an error, not replaced.
+    embedding_dim: int | None = _key(
+        None, "model", "embedding size; with vectors leave out (it follows them); none: 100 unless set"
+    )
     oov_init: Literal["zeros", "random"] = _key("zeros", "model", "start of the words the vectors lack")
     freeze_embeddings: bool = _key(False, "model", "keep the embedding fixed")
     hidden_dim: int = _key(100, "model", "LSTM hidden size per direction")
@@ -265,7 +276,10 @@ def _range_problems(cfg: TrainConfig) -> list[str | None]:
             cfg.early_stopping_patience is None or cfg.early_stopping_patience >= 1,
             f"early_stopping_patience must be >= 1, or null for none (got {cfg.early_stopping_patience})",
         ),
-        check(cfg.embedding_dim >= 1, f"embedding_dim must be >= 1 (got {cfg.embedding_dim})"),
+        check(
+            cfg.embedding_dim is None or cfg.embedding_dim >= 1,
+            f"embedding_dim must be >= 1, or null to follow the vectors (got {cfg.embedding_dim})",
+        ),
         check(cfg.max_vocab_size >= 1, f"max_vocab_size must be >= 1 (got {cfg.max_vocab_size})"),
         check(cfg.min_freq >= 1, f"min_freq must be >= 1 (got {cfg.min_freq})"),
         check(
@@ -453,6 +467,9 @@ def config_parser(
             if hints[f.name] is bool:  # --resume alone is true; --resume=false and --resume false work too
                 options.update(nargs="?", const=True)
             section.add_argument(f"--{f.name}", help=f.metadata["help"].replace("%", "%%"), **options)
+    if keys is None:  # removed keys pass, unlisted, to build_config, which drops or refuses them (REMOVED_KEYS)
+        for key in REMOVED_KEYS:
+            parser.add_argument(f"--{key}", type=str, default=SUPPRESS, help=SUPPRESS)
     return parser
 
 
@@ -462,6 +479,49 @@ def _default_parser() -> ArgumentParser:
 
 
 # ------------------------------------------------------------------------------------------------ errors
+
+
+# Keys taken out of the config: each with the value at which it changed nothing, and what a run that set it
+# otherwise does now. A run folder's config.yaml written before the removal still loads (``--config`` of its own
+# config, as ``--resume`` suggests): the key at that value is dropped with a warning; another value is a
+# ``ConfigError``, since the run it asks for can no longer be made. ``build_config`` applies this to YAML files,
+# flags and sweep values alike.
+REMOVED_KEYS: dict[str, tuple[Any, str]] = {
+    "unfreeze_warmup": (
+        0.0,
+        "the schedule no longer ramps up the lr of the layers gradual_unfreezing unfreezes (an experiment, "
+        "docs/results.md): a layer takes the schedule's lr as it is unfrozen. Drop the key",
+    ),
+}
+
+
+def _check_key_names(keys: Iterable[Any], source: str) -> None:
+    """Raise the unknown-key ``ConfigError`` for the first of ``keys`` that is neither a config key nor a removed
+    one (``REMOVED_KEYS``, which ``_drop_removed_keys`` handles)."""
+    for key in keys:
+        if key not in config_keys() and key not in REMOVED_KEYS:
+            raise _unknown_key_error(str(key), source)
+
+
+def _drop_removed_keys(values: dict[str, Any], sources: dict[str, str]) -> dict[str, Any]:
+    """``values`` without the removed keys (``REMOVED_KEYS``): one at its no-op value is dropped with a logged
+    warning, one at another value is a ``ConfigError`` that says what to do. ``sources`` names where each key
+    came from (a file, the flags)."""
+    kept = {}
+    for key, value in values.items():
+        if key not in REMOVED_KEYS:
+            kept[key] = value
+            continue
+        noop, instead = REMOVED_KEYS[key]
+        given = _load_yaml(value) if isinstance(value, str) else value  # a flag's value is text
+        if given == noop and isinstance(given, bool) == isinstance(noop, bool):
+            logger.warning("%s was removed; its value %s changed nothing, ignored (%s)", key, noop, sources[key])
+            continue
+        raise ConfigError(
+            f"config key '{key}' ({_yaml_text(given)}, in {sources[key]}) was removed: {instead} (at "
+            f"{_yaml_text(noop)} it changed nothing and is ignored)"
+        )
+    return kept
 
 
 def _unknown_key_error(key: str, source: str, valid: Sequence[str] | None = None) -> ConfigError:
@@ -521,9 +581,7 @@ def _read_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"config file {path} must hold a mapping of key: value, not {type(loaded).__name__}")
-    for key in loaded:
-        if key not in config_keys():
-            raise _unknown_key_error(str(key), str(path))
+    _check_key_names(loaded, str(path))
     return loaded
 
 
@@ -531,12 +589,14 @@ def build_config(config_path: str | Path | None = None, overrides: dict[str, Any
     """Build the config from an optional YAML file, then ``overrides`` (flags) on top; validate everything:
     key names, types (through the command-line parser) and ranges."""
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     if config_path is not None:
         values.update(_read_config_file(Path(config_path)))
-    for key in overrides or {}:
-        if key not in config_keys():
-            raise _unknown_key_error(key, "the command-line flags")
+        sources.update(dict.fromkeys(values, str(Path(config_path))))
+    _check_key_names(overrides or {}, "the command-line flags")
     values.update(_normalize(dict(overrides or {})))
+    sources.update(dict.fromkeys(overrides or {}, "the command-line flags"))
+    values = _drop_removed_keys(values, sources)
     parser = _default_parser()
     try:
         namespace = parser.parse_object(values)

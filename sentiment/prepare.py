@@ -24,7 +24,7 @@ from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer
 
 from sentiment.batching import EncodedSplit
-from sentiment.config import DATA_KEYS, ConfigError, TrainConfig
+from sentiment.config import DATA_KEYS, RANDOM_EMBEDDING_DIM, ConfigError, TrainConfig
 from sentiment.sampling import TEST_IN_FILE_ORDER, sample_rows
 
 logger = logging.getLogger(__name__)
@@ -129,21 +129,25 @@ class PreparedData:
         ``split_imdb`` cuts raw data (``sample_rows``: the same reviews for the same ``split_seed``), unless the
         folder holds fewer reviews than asked because it was prepared with a smaller cut (a ``ConfigError``).
         Vectors only initialise the embedding, so ``vectors: none`` also runs on data prepared with vectors:
-        the same token ids, an embedding of the config's ``embedding_dim`` started at random. On data prepared
-        without vectors, ``embedding_dim`` is the config's when it sets one; with vectors, the vectors' dimension,
-        and a config that sets ``embedding_dim`` to another is a ``ConfigError`` (``check_embedding_dim``).
+        the same token ids, an embedding of the config's ``embedding_dim`` (``RANDOM_EMBEDDING_DIM`` when left out)
+        started at random. On data prepared without vectors, ``embedding_dim`` is the config's when it sets one,
+        else the folder's. With vectors it is their dimension, and a config that sets ``embedding_dim`` to another
+        is a ``ConfigError`` (``check_embedding_dim``). The config returned always holds the size as an integer.
         """
         folder = cfg.prepared or "the prepared data"
         _check_data_keys(self, cfg, folder)
         keys = self.data_config()
         embeddings = self.embeddings
         if cfg.vectors.lower() == "none" and embeddings is not None:
-            keys.update(vectors="none", embedding_dim=cfg.embedding_dim)
+            keys.update(vectors="none", embedding_dim=_random_embedding_dim(cfg))
             embeddings = None
-        elif embeddings is None and cfg.embedding_dim != _DEFAULTS["embedding_dim"]:
-            keys.update(embedding_dim=cfg.embedding_dim)
-        elif embeddings is not None:
-            check_embedding_dim(cfg, int(embeddings.shape[1]), str(self.info.get("vectors", cfg.vectors)), folder)
+        elif embeddings is None:  # prepared without vectors: the config's size, else the folder's
+            if cfg.embedding_dim is not None or keys.get("embedding_dim") is None:
+                keys["embedding_dim"] = _random_embedding_dim(cfg)
+        else:
+            dim = int(embeddings.shape[1])
+            check_embedding_dim(cfg, dim, str(self.info.get("vectors", cfg.vectors)), folder)
+            keys["embedding_dim"] = dim
         self._cut(cfg, folder)
         keys.update({key: self.info[key] for key in ("max_train_samples", "max_eval_samples") if key in self.info})
         return dataclasses.replace(cfg, **keys), embeddings
@@ -192,12 +196,17 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 _KEYS_A_RUN_SETS = ("dataset", "max_train_samples", "max_eval_samples", "embedding_dim")
 
 
+def _random_embedding_dim(cfg: TrainConfig) -> int:
+    """The size of a random embedding (``vectors: none``): the config's, else ``RANDOM_EMBEDDING_DIM``."""
+    return RANDOM_EMBEDDING_DIM if cfg.embedding_dim is None else cfg.embedding_dim
+
+
 def check_embedding_dim(cfg: TrainConfig, dim: int, vectors: str, where: str | None = None) -> None:
     """Raise a ``ConfigError`` when ``cfg`` sets ``embedding_dim`` to other than ``dim``, the dimension of the
-    ``vectors`` the embedding starts from. Left at its default, ``embedding_dim`` counts as unset (as a data key
-    does in ``_check_data_keys``) and follows the vectors."""
+    ``vectors`` the embedding starts from. Left out (None), ``embedding_dim`` follows the vectors; any value
+    set, the default random size of 100 included, must equal theirs."""
     asked = cfg.embedding_dim
-    if asked in (dim, _DEFAULTS["embedding_dim"]):
+    if asked is None or asked == dim:
         return
     place = f" of {where}" if where else ""
     raise ConfigError(
@@ -244,8 +253,10 @@ def prepare_command(info: Mapping[str, Any], folder: str | Path) -> str:
     for key in DATA_KEYS:
         if key not in info or info[key] == _DEFAULTS[key]:
             continue
-        if key == "embedding_dim" and str(info.get("vectors", _DEFAULTS["vectors"])).lower() != "none":
-            continue  # the vectors' dimension
+        if key == "embedding_dim" and (
+            str(info.get("vectors", _DEFAULTS["vectors"])).lower() != "none" or info[key] == RANDOM_EMBEDDING_DIM
+        ):
+            continue  # the vectors' dimension, or the size of a random embedding when it is left out
         if key == "valid_fraction" and info[key] == (0.3 if info.get("split_scheme") == "seed" else 0.1):
             continue  # the split scheme's own fraction (TrainConfig.validation_fraction)
         flags.append(f"--{key}={_flag_value(info[key])}")
@@ -303,6 +314,7 @@ def prepare_data(cfg: TrainConfig, cache_dir: str | None = None) -> PreparedData
     arrays = {name: EncodedSplit.from_arrow(ds.with_format("arrow")[:]) for name, ds in encoded.items()}
     info: dict[str, Any] = {key: getattr(cfg, key) for key in DATA_KEYS}
     info["valid_fraction"] = cfg.validation_fraction
+    info["embedding_dim"] = _random_embedding_dim(cfg)  # the vectors' dimension replaces it below
     info["vocab_size"] = tokenizer.get_vocab_size()
     info["pad_id"] = PAD_ID
     info["sizes"] = {name: len(split) for name, split in arrays.items()}

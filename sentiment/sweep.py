@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from sentiment.config import ConfigError, TrainConfig, build_config, config_keys, parse_command_line
+from sentiment.config import REMOVED_KEYS, ConfigError, TrainConfig, build_config, config_keys, parse_command_line
 from sentiment.sweep_report import SweepError, write_report
 
 logger = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ def _grid_values(name: str, spec: dict[str, Any]) -> list[Any]:
 
 
 def _validate_parameter(name: str, spec: Any) -> None:
-    if name not in config_keys():
+    if name not in config_keys() and name not in REMOVED_KEYS:  # a removed key's values: build_config below
         raise SweepError(
             f"sweep parameter '{name}' is not a config key of the trainer. Valid keys: {', '.join(config_keys())}"
         )

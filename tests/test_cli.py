@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--epochs=2", "--batch_size=8", "--eval_batch_size=16", "--hidden_dim=12", "--report_to=none", "--num_proc=1"]
@@ -150,6 +151,33 @@ def test_bad_config_key_exits_with_a_clear_message(hub_imdb: Path) -> None:
     assert result.returncode == 2
     assert "unknown config key 'hiden_dim'" in result.stderr
     assert "Did you mean 'hidden_dim'" in result.stderr
+
+
+def test_removed_key_from_an_old_run_config(hub_imdb: Path, tmp_path: Path) -> None:
+    """A run folder from before unfreeze_warmup was removed holds `unfreeze_warmup: 0.0` in its config.yaml:
+    `sentiment train --config RUN/config.yaml --resume` (what a damaged-state error suggests) resumes with one
+    warning, and the run's size of the embedding (left out: the vectors' 50) passes the resume check. At another
+    value, in the file or as a flag, the key is refused with exit code 2 and what to do."""
+    run_dir = tmp_path / "run"
+    sentiment("train", f"--dataset={hub_imdb}", f"--output_dir={run_dir}", *TINY, "--epochs=1")
+    config = run_dir / "config.yaml"
+    saved = yaml.safe_load(config.read_text())
+    assert saved["embedding_dim"] == 50 and "unfreeze_warmup" not in saved
+    config.write_text(yaml.safe_dump({**saved, "unfreeze_warmup": 0.0}, sort_keys=False))  # as old runs wrote it
+    result = run_cli("train", f"--config={config}", "--resume")
+    assert result.returncode == 0, result.stderr
+    warning = "unfreeze_warmup was removed; its value 0.0 changed nothing, ignored"
+    assert result.stderr.count(warning) == 1
+    assert "nothing left to train: 1 of 1 epochs done" in result.stderr
+    assert "unfreeze_warmup" not in config.read_text()  # the run's config.yaml is rewritten without it
+    for args in (["--unfreeze_warmup=0.5"], []):
+        if not args:
+            config.write_text(yaml.safe_dump({**saved, "unfreeze_warmup": 0.5}, sort_keys=False))
+        result = run_cli("train", f"--config={config}", "--resume", *args)
+        assert result.returncode == 2
+        source = "the command-line flags" if args else str(config)
+        assert f"error: config key 'unfreeze_warmup' (0.5, in {source}) was removed" in result.stderr
+        assert "Drop the key" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_missing_dataset_exits_with_a_clear_message(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ shipped configs."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import typing
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import yaml
 
 from sentiment.config import (
     GROUPS,
+    RANDOM_EMBEDDING_DIM,
+    REMOVED_KEYS,
     ConfigError,
     TrainConfig,
     build_config,
@@ -190,6 +193,17 @@ def test_vectors_none_stays_a_string() -> None:
     assert build_config(None, parse_overrides(["--vectors=none"])).vectors == "none"
 
 
+def test_embedding_dim_is_left_out_by_default(tmp_path: Path) -> None:
+    """``embedding_dim`` defaults to None (it follows the vectors, or is 100 with ``vectors: none``, once the data
+    resolves it); a size given in YAML, a flag or a dict is kept as given, 100 included, and null leaves it out."""
+    assert TrainConfig().embedding_dim is None and RANDOM_EMBEDDING_DIM == 100
+    assert build_config().embedding_dim is None
+    assert build_config(write_yaml(tmp_path / "c.yaml", {"embedding_dim": 100})).embedding_dim == 100
+    assert build_config(None, parse_overrides(["--embedding_dim=100"])).embedding_dim == 100
+    assert build_config(None, parse_overrides(["--embedding_dim=null"])).embedding_dim is None
+    assert build_config(None, {"embedding_dim": 12.0}).embedding_dim == 12
+
+
 # -------------------------------------------------------------------------------------------- coercion
 
 
@@ -294,6 +308,7 @@ def test_wrong_type_from_flag(flag: str, message: str) -> None:
         ("max_eval_samples", 0),
         ("max_grad_norm", 0),
         ("num_proc", 0),
+        ("embedding_dim", 0),
     ],
 )
 def test_out_of_range_names_key(key: str, value: object) -> None:
@@ -414,6 +429,71 @@ def test_unknown_key_without_close_match() -> None:
     assert "Valid keys" in str(err.value)
 
 
+# ---------------------------------------------------------------------------------------- removed keys
+
+
+def _old_run_config(path: Path, **changes: object) -> Path:
+    """A run folder's config.yaml as the trainer wrote it before ``unfreeze_warmup`` was removed."""
+    values = {**TrainConfig(embedding_dim=50, mixed_precision="no").to_dict(), "unfreeze_warmup": 0.0, **changes}
+    return write_yaml(path, values)
+
+
+def test_removed_key_at_its_no_op_value_is_dropped_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An old run's config.yaml holding ``unfreeze_warmup: 0.0`` (the value that changed nothing) builds the same
+    config as without the key, with one warning; so does the key as a flag or a dict value (0 too)."""
+    assert REMOVED_KEYS["unfreeze_warmup"][0] == 0.0
+    expected = TrainConfig(embedding_dim=50, mixed_precision="no")
+    path = _old_run_config(tmp_path / "config.yaml")
+    with caplog.at_level(logging.WARNING, logger="sentiment"):
+        assert build_config(path) == expected
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("unfreeze_warmup was removed; its value 0.0 changed nothing, ignored")
+    assert str(path) in warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sentiment"):  # in the file and the flags: still one warning
+        cfg = build_config(*parse_command_line(["--config", str(path), "--unfreeze_warmup=0", "--hidden_dim=7"]))
+    assert cfg == dataclasses.replace(expected, hidden_dim=7)
+    assert [r.getMessage() for r in caplog.records].count(warnings[0].replace(str(path), "the command-line flags")) == 1
+    assert len(caplog.records) == 1
+    assert build_config(None, {"unfreeze_warmup": 0}) == TrainConfig()
+    assert not hasattr(cfg, "unfreeze_warmup") and "unfreeze_warmup" not in cfg.to_dict()
+
+
+@pytest.mark.parametrize("value", [0.5, 1, "abc", True])
+def test_removed_key_at_another_value_is_refused(tmp_path: Path, value: object) -> None:
+    """``unfreeze_warmup`` at any other value asks for what the trainer no longer does: a ConfigError naming the
+    key, the value, where it came from, that it was removed and what to do; from a YAML file, a flag or a dict."""
+    path = _old_run_config(tmp_path / "config.yaml", unfreeze_warmup=value)
+    flag = "true" if value is True else str(value)
+    for source, build in (
+        (str(path), lambda: build_config(path)),
+        ("the command-line flags", lambda: build_config(*parse_command_line([f"--unfreeze_warmup={flag}"]))),
+        ("the command-line flags", lambda: build_config(None, {"unfreeze_warmup": value})),
+    ):
+        with pytest.raises(ConfigError) as refused:
+            build()
+        message = str(refused.value)
+        assert f"config key 'unfreeze_warmup' ({flag}, in {source}) was removed" in message
+        assert "no longer ramps up the lr of the layers gradual_unfreezing unfreezes" in message
+        assert "Drop the key (at 0.0 it changed nothing and is ignored)" in message
+        assert "unknown config key" not in message
+
+
+def test_removed_key_is_not_listed_as_a_key() -> None:
+    """A removed key is no config key: not in ``--help``, not a field, not among the valid keys of an unknown-key
+    error, and commands with a subset of the keys (``sentiment evaluate``) do not take its flag."""
+    assert "unfreeze_warmup" not in config_keys()
+    assert "unfreeze_warmup" not in config_parser(prog="sentiment train").format_help()
+    with pytest.raises(ConfigError) as err:
+        build_config(None, {"unfreeze_warmu": 0.0})
+    assert "unknown config key 'unfreeze_warmu'" in str(err.value) and "'unfreeze_warmup'" not in str(err.value)
+    with pytest.raises(ConfigError, match="unknown config key 'unfreeze_warmup'"):
+        parse_command_line(["--unfreeze_warmup=0.0"], config_parser(keys=["dataset"]))
+
+
 # -------------------------------------------------------------------------------------- derived values
 
 
@@ -513,6 +593,10 @@ def test_help_groups_every_key_with_its_help_and_default() -> None:
     assert "--bidirectional [BOOL] BiLSTM: read reviews in both directions (default: false)" in flat
     assert "--pooling {last,max,mean,concat}" in flat
     assert "--max_grad_norm FLOAT|null clip gradients to this norm; null: no clipping (default: null)" in flat
+    assert (
+        "--embedding_dim INT|null embedding size; with vectors leave out (it follows them); none: 100 unless set "
+        "(default: null)"
+    ) in flat
     assert "--config FILE" in flat
 
 

@@ -21,7 +21,7 @@ from datasets import ClassLabel, Dataset, DatasetDict
 import sentiment.data
 from sentiment.config import ConfigError, build_config
 from sentiment.data import FEATURES, DataError, load_imdb, split_imdb
-from sentiment.prepare import PreparedData, prepare_data
+from sentiment.prepare import PreparedData, prepare_command, prepare_data
 
 
 def write_hub(root: Path, tables: dict[str, pa.Table]) -> Path:
@@ -594,11 +594,38 @@ def test_embedding_dim_other_than_the_vectors_is_refused(
     assert not (tmp_path / "out").exists()
 
 
+def test_embedding_dim_100_written_out_is_refused_with_50d_vectors(
+    hub_imdb: Path, glove_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``embedding_dim: 100`` written in a config (the size of a random embedding when it is left out) is a size
+    the user asked for, not "unset": with the default 50-d GloVe it is refused like any other, from a YAML file, a
+    flag and a prepared folder, never silently given 50."""
+    from sentiment.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"dataset: {hub_imdb}\nembedding_dim: 100\nnum_proc: 1\n")
+    expected = "embedding_dim 100 does not match the 50-d vectors glove-6b-50d"
+    with pytest.raises(ConfigError, match=f"{expected}: .*set it to 50"):
+        prepare_data(build_config(config))
+    with pytest.raises(ConfigError, match=f"{expected} of {re.escape(str(glove_folder))}: "):
+        PreparedData.load(glove_folder).resolve(build_config(config, {"prepared": str(glove_folder)}))
+    code = main(["prepare", f"--dataset={hub_imdb}", "--embedding_dim=100", f"--output_dir={tmp_path / 'out'}"])
+    assert code == 2
+    assert f"error: {expected}" in capsys.readouterr().err
+    code = main(["prepare", f"--config={config}", f"--output_dir={tmp_path / 'out'}"])
+    assert code == 2
+    assert f"error: {expected}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_embedding_dim_left_out_follows_the_vectors(hub_imdb: Path, glove_folder: Path, glove_txt: Path) -> None:
-    """embedding_dim left at its default (100) takes the vectors' dimension, prepared or not."""
+    """embedding_dim left out (None, its default) takes the vectors' dimension, prepared or not: the resolved config
+    holds the integer."""
     data = PreparedData.load(glove_folder)
     assert data.info["embedding_dim"] == 50
-    resolved, embeddings = data.resolve(build_config(None, {"prepared": str(glove_folder)}))
+    cfg = build_config(None, {"prepared": str(glove_folder)})
+    assert cfg.embedding_dim is None
+    resolved, embeddings = data.resolve(cfg)
     assert resolved.embedding_dim == 50
     assert embeddings is not None and embeddings.shape == (data.tokenizer.get_vocab_size(), 50)
     cfg = build_config(None, {"dataset": str(hub_imdb), "vectors": str(glove_txt), "num_proc": 1})
@@ -620,17 +647,26 @@ def test_embedding_dim_equal_to_the_vectors_is_accepted(hub_imdb: Path, glove_fo
 
 
 def test_embedding_dim_without_vectors_is_the_configs(hub_imdb: Path, glove_folder: Path) -> None:
-    """With vectors: none the config's embedding_dim is used, whatever it is: on raw data, and on a folder
-    prepared with 50-d vectors (a random embedding over its token ids)."""
+    """With vectors: none the config's embedding_dim is used, whatever it is (12, 64, 100): on raw data, and on a
+    folder prepared with 50-d vectors (a random embedding over its token ids). Left out, it is 100 there, and on a
+    folder prepared without vectors the folder's size."""
     cfg = build_config(None, {"dataset": str(hub_imdb), "vectors": "none", "embedding_dim": 64, "num_proc": 1})
     data = prepare_data(cfg)
     resolved, embeddings = data.resolve(cfg)
     assert (data.embeddings, embeddings, data.info["embedding_dim"], resolved.embedding_dim) == (None, None, 64, 64)
-    resolved, embeddings = PreparedData.load(glove_folder).resolve(
-        build_config(None, {"prepared": str(glove_folder), "vectors": "none", "embedding_dim": 64})
-    )
-    assert (resolved.vectors, resolved.embedding_dim, embeddings) == ("none", 64, None)
+    assert data.resolve(build_config(None, {"vectors": "none", "embedding_dim": 12}))[0].embedding_dim == 12
+    for size in (12, 100):
+        resolved, embeddings = PreparedData.load(glove_folder).resolve(
+            build_config(None, {"prepared": str(glove_folder), "vectors": "none", "embedding_dim": size})
+        )
+        assert (resolved.vectors, resolved.embedding_dim, embeddings) == ("none", size, None)
     left_out, _ = data.resolve(build_config(None, {"vectors": "none"}))
     assert left_out.embedding_dim == 64  # the size the folder was prepared with
     left_out, _ = PreparedData.load(glove_folder).resolve(build_config(None, {"vectors": "none"}))
     assert left_out.embedding_dim == 100  # the default size of a random embedding
+    unset = build_config(None, {"dataset": str(hub_imdb), "vectors": "none", "num_proc": 1})
+    assert unset.embedding_dim is None
+    data = prepare_data(unset)
+    assert (data.embeddings, data.info["embedding_dim"], data.resolve(unset)[0].embedding_dim) == (None, 100, 100)
+    assert "--embedding_dim" not in prepare_command(data.info, "DIR")  # 100 is what a left-out size gives
+    assert "--embedding_dim=12" in prepare_command({**data.info, "embedding_dim": 12}, "DIR")

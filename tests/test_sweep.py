@@ -170,6 +170,16 @@ def test_load_sweep_accepts_the_valid_base_spec(tmp_path: Path) -> None:
     assert list(spec.parameters) == ["lr", "hidden_dim"]
 
 
+def test_sweep_parameter_of_a_removed_key(tmp_path: Path) -> None:
+    """A sweep parameter of a removed key (unfreeze_warmup) gets build_config's rule: only at its no-op value
+    (0.0, dropped with a warning) does the sweep load; at any other value it is refused with the reason."""
+    spec = load_sweep(write_spec(tmp_path / "ok.yaml", base_spec(parameters={"unfreeze_warmup": {"value": 0.0}})))
+    assert list(spec.parameters) == ["unfreeze_warmup"]
+    bad = write_spec(tmp_path / "bad.yaml", base_spec(parameters={"unfreeze_warmup": {"values": [0.0, 0.5]}}))
+    with pytest.raises(SweepError, match=r"(?s)parameter 'unfreeze_warmup': value 0\.5 .*was removed"):
+        load_sweep(bad)
+
+
 def test_missing_and_non_mapping_sweep_files(tmp_path: Path) -> None:
     """A missing file and a YAML file that is not a mapping are SweepErrors, not tracebacks from yaml/open."""
     with pytest.raises(SweepError, match="sweep file not found"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -241,6 +242,36 @@ def test_resume_refuses_fewer_epochs_than_done(
     with pytest.raises(ConfigError, match=r"epochs: 3 -> 2 \(3 epochs are done already: pass --epochs of at least 3"):
         train(tiny_config(hub_imdb, run_dir, epochs=2, resume=True))
     assert folder_contents(run_dir) == before
+
+
+def test_resume_of_a_run_whose_embedding_follows_the_vectors(
+    one_cosine_epoch: Path, hub_imdb: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run with the GloVe vectors and embedding_dim left out records the resolved size (50) in its config.yaml.
+    Resumed with embedding_dim still left out, with the run's own config.yaml (which says 50, and, as a run folder
+    from before the key was removed, unfreeze_warmup: 0.0) or with 50 as a flag, it passes the resume checks: the
+    resolved sizes are compared, never None with 50. Any other size, 100 included, is refused before the resume."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(one_cosine_epoch, run_dir)
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["embedding_dim"] == 50
+    left_out = tiny_config(hub_imdb, run_dir, epochs=1, lr_schedule="cosine", resume=True)
+    assert left_out.embedding_dim is None
+    own_config = tmp_path / "old-config.yaml"
+    own_config.write_text(yaml.safe_dump({**saved, "unfreeze_warmup": 0.0}, sort_keys=False))
+    with caplog.at_level(logging.INFO, logger="sentiment"):
+        for cfg in (
+            left_out,
+            build_config(own_config, {"output_dir": str(run_dir), "resume": True}),
+            dataclasses.replace(left_out, embedding_dim=50),
+        ):
+            assert len(train(cfg)["history"]) == 1
+    assert caplog.text.count("nothing left to train: 1 of 1 epochs done") == 3
+    assert caplog.text.count("unfreeze_warmup was removed; its value 0.0 changed nothing, ignored") == 1
+    assert "embedding_dim" not in caplog.text  # no change logged, none refused
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["embedding_dim"] == 50
+    with pytest.raises(ConfigError, match="embedding_dim 100 does not match the 50-d vectors glove-6b-50d"):
+        train(dataclasses.replace(left_out, embedding_dim=100))
 
 
 def test_every_config_key_has_a_resume_rule() -> None:
