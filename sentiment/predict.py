@@ -238,25 +238,28 @@ def mean_probability_logits(member_logits: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def classification_metrics(logits: np.ndarray, labels: Sequence[int]) -> dict[str, Any]:
-    """Loss (BCE), accuracy, precision, recall, F1 (positive class) and confusion matrix of logits vs labels."""
+    """Loss (BCE), accuracy, precision, recall, F1 (positive class) and confusion matrix of logits vs labels, from
+    ``torchmetrics``' binary classification metrics (a logit > 0 predicts positive). Accuracy is the confusion
+    matrix's diagonal over the count, exactly as the trainer counts it (torchmetrics' rates are float32)."""
+    from torchmetrics.functional.classification import (
+        binary_confusion_matrix,
+        binary_f1_score,
+        binary_precision,
+        binary_recall,
+    )
+
     logits = torch.from_numpy(np.asarray(logits)).double()
-    target = torch.tensor(list(labels), dtype=torch.float64)
-    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, target).item()
-    predicted = (logits > 0).long()
-    truth = target.long()
-    tp = int(((predicted == 1) & (truth == 1)).sum())
-    tn = int(((predicted == 0) & (truth == 0)).sum())
-    fp = int(((predicted == 1) & (truth == 0)).sum())
-    fn = int(((predicted == 0) & (truth == 1)).sum())
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
+    target = torch.tensor(list(labels), dtype=torch.long)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, target.double()).item()
+    predicted = (logits > 0).long()  # thresholded here: torchmetrics would apply a sigmoid to values outside [0, 1]
+    (tn, fp), (fn, tp) = binary_confusion_matrix(predicted, target).tolist()
     return {
-        "count": len(truth),
+        "count": len(target),
         "loss": loss,
-        "accuracy": (tp + tn) / len(truth),
-        "precision": precision,
-        "recall": recall,
-        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "accuracy": (tp + tn) / len(target),
+        "precision": binary_precision(predicted, target).item(),
+        "recall": binary_recall(predicted, target).item(),
+        "f1": binary_f1_score(predicted, target).item(),
         "confusion_matrix": {
             "true_neg": {"pred_neg": tn, "pred_pos": fp},
             "true_pos": {"pred_neg": fn, "pred_pos": tp},

@@ -369,3 +369,25 @@ def test_an_ensemble_of_a_forward_and_a_backward_checkpoint(hub_imdb: Path, tmp_
     assert [line.split("\t")[0] for line in result.stdout.strip().splitlines()] == [p["label"] for p in ensemble(texts)]
     result = run_cli("predict", "--model", spec + ",", "good")
     assert result.returncode != 0 and "empty entry" in result.stderr
+
+
+def test_classification_metrics_of_known_logits() -> None:
+    """Six reviews whose counts are known (2 true positives, 1 false positive, 2 false negatives, 1 true negative; a
+    logit of exactly 0 predicts negative), and a model that never predicts positive (precision 0, not a division
+    by zero)."""
+    from sentiment.predict import classification_metrics
+
+    figures = classification_metrics(np.array([2.0, -1.0, 0.5, -3.0, 0.0, 4.0]), [1, 0, 0, 1, 1, 1])
+    assert figures["confusion_matrix"] == {
+        "true_neg": {"pred_neg": 1, "pred_pos": 1},
+        "true_pos": {"pred_neg": 2, "pred_pos": 2},
+    }
+    assert figures["count"] == 6
+    assert figures["accuracy"] == pytest.approx(3 / 6)
+    assert figures["precision"] == pytest.approx(2 / 3)
+    assert figures["recall"] == pytest.approx(2 / 4)
+    assert figures["f1"] == pytest.approx(4 / 7)
+    expected_loss = np.mean(np.log1p(np.exp(-np.array([2.0, 1.0, -0.5, -3.0, 0.0, 4.0]))))
+    assert figures["loss"] == pytest.approx(expected_loss)
+    silent = classification_metrics(np.array([-1.0, -2.0, -0.5]), [1, 0, 1])
+    assert (silent["precision"], silent["recall"], silent["f1"], silent["accuracy"]) == (0.0, 0.0, 0.0, 1 / 3)
