@@ -4,8 +4,8 @@ and the classifier on it (classifier.py) against the package's padded path.
 
 No GPU here: the kernels run in Triton's interpreter on CPU tensors. TRITON_INTERPRET=1 has to be set before
 triton is first imported (triton.language's functions are wrapped then), so this file sets it at collection
-when nothing has imported triton yet (it stays set for the rest of the pytest run; no other test uses triton), and skips if
-triton came first without it. The interpreter runs a program's whole block at once with
+when nothing has imported triton yet (it stays set for the rest of the pytest run; no other test uses
+triton), and skips if triton came first without it. The interpreter runs a program's whole block at once with
 numpy, so it checks the arithmetic, masks and indexing, not races between threads of a program on a GPU.
 """
 
