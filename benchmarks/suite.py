@@ -58,6 +58,8 @@ PATHS = {  # the trainer's execution paths: config flags ("default": what the co
     "padded+graphs": {"rnn_input": "padded"},
     "padded": {"rnn_input": "padded", "cuda_graphs": False},
     "packed": {"rnn_input": "packed", "cuda_graphs": False},
+    "persistent+graphs": {"rnn_input": "persistent"},  # the persistent LSTM kernel (sentiment/persistent.py)
+    "persistent": {"rnn_input": "persistent", "cuda_graphs": False},
     "fused+graphs bf16": {"rnn_input": "fused", "mixed_precision": "bf16"},
     "padded+graphs bf16": {"rnn_input": "padded", "mixed_precision": "bf16"},
 }

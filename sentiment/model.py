@@ -14,7 +14,9 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-RNN_INPUTS = ("auto", "packed", "padded", "fused")
+from sentiment.persistent import persistent_lstm, persistent_support
+
+RNN_INPUTS = ("auto", "packed", "padded", "fused", "persistent")
 POOLINGS = ("last", "max", "mean", "concat")
 # Added to the input gate's pre-activation at padding by the fused BiLSTM path: sigmoid(-1e4) is exactly 0 in
 # float16/32/64 (no weight a trained LSTM reaches can lift it back), and -1e4 is representable in float16.
@@ -115,9 +117,12 @@ class LSTMClassifier(
     cuDNN call per layer, both directions at once, on the padded tensor (no packing, so no per-step host work, and
     the whole batch shape is fixed, which CUDA graphs need); for a BiLSTM an extra input column marks the padding
     and closes the input gate there, so the backward direction, which meets the padding first, keeps a zero
-    state until the review's last token. ``auto``: fused on GPU, padded on CPU. A checkpoint whose config.json
-    says ``triton`` (the Triton LSTM, now in experiments/triton_lstm) loads with ``auto`` and a warning: every
-    path gives the same result.
+    state until the review's last token. ``persistent`` (NVIDIA GPUs, :mod:`sentiment.persistent`): the input
+    projections as one matrix product per layer, then a kernel that runs each review's whole recurrence in one
+    thread block, ``W_hh`` in shared memory (in bfloat16 above ~110 hidden units); where it cannot run (CPU,
+    large ``hidden_dim``) the model warns once and takes ``auto``'s path. ``auto``: fused on GPU, padded on CPU.
+    A checkpoint whose config.json says ``triton`` (the Triton LSTM, now in experiments/triton_lstm) loads with
+    ``auto`` and a warning: every path gives the same result.
 
     ``truncate_bptt`` N > 0 (ULMFiT's truncated backpropagation; padded and fused paths): in training, each LSTM
     call runs over the review in chunks of N steps, each chunk starting from the previous one's final state
@@ -226,6 +231,8 @@ class LSTMClassifier(
             raise ValueError(
                 f"truncate_bptt needs rnn_input auto, padded or fused (rnn_input {path} runs each review in one call)"
             )
+        if path == "persistent":
+            path = self._persistent_or_fallback(embedded.device, truncating)
         if truncating and path == "fused" and self.lstm.bidirectional:
             path = "padded"  # one fused call cannot chunk both directions (they run in opposite orders)
         if path == "packed":
@@ -234,6 +241,8 @@ class LSTMClassifier(
             outputs, final = self._packed_final(embedded, lengths)
         elif path == "fused":
             outputs, final = self._fused_final(embedded, lengths)
+        elif path == "persistent":
+            outputs, final = self._persistent_final(embedded, lengths)
         else:
             outputs, final = self._padded_final(embedded, lengths)
         return self.classifier(self.dropout(self._pool(outputs, final, lengths))).squeeze(-1)
@@ -334,6 +343,43 @@ class LSTMClassifier(
         rows_index = torch.arange(batch, device=embedded.device)
         final = layer_input[rows_index, lengths - 1, :hidden_size]
         if bidirectional:
+            final = torch.cat([final, layer_input[:, 0, hidden_size:]], dim=-1)
+        return layer_input, final
+
+    def _persistent_or_fallback(self, device: torch.device, truncating: bool) -> str:
+        """``persistent`` where its kernels can run this LSTM, else ``auto``'s path, with one warning."""
+        reason = persistent_support(self.lstm.hidden_size, device)
+        if truncating:
+            reason = "truncate_bptt chunks the recurrence, which the persistent kernel runs whole"
+        if reason is None:
+            return "persistent"
+        if not getattr(self, "_warned_fallback", False):
+            warnings.warn(
+                f"rnn_input persistent: {reason}; using the {'fused' if device.type == 'cuda' else 'padded'} "
+                "path, which computes the same function",
+                stacklevel=3,
+            )
+            self._warned_fallback = True
+        return "fused" if device.type == "cuda" else "padded"
+
+    def _persistent_final(self, embedded: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, steps, _ = embedded.shape
+        lengths = lengths.to(embedded.device)
+        directions = 2 if self.lstm.bidirectional else 1
+        hidden_size = self.lstm.hidden_size
+        layer_input = embedded
+        for layer in range(self.lstm.num_layers):
+            if layer > 0 and self.lstm.dropout > 0:
+                layer_input = F.dropout(layer_input, self.lstm.dropout, self.training)
+            weights = self._layer_weights(layer)  # per direction: w_ih, w_hh, b_ih, b_hh
+            w_ih = torch.cat(weights[0::4])
+            bias = torch.cat([b_ih + b_hh for b_ih, b_hh in zip(weights[2::4], weights[3::4], strict=True)])
+            gx = F.linear(layer_input, w_ih, bias).view(batch, steps, directions, 4 * hidden_size)
+            outputs, _ = persistent_lstm(gx, torch.stack(weights[1::4]), lengths)
+            layer_input = outputs.view(batch, steps, directions * hidden_size)
+        rows = torch.arange(batch, device=embedded.device)
+        final = layer_input[rows, lengths - 1, :hidden_size]
+        if directions == 2:
             final = torch.cat([final, layer_input[:, 0, hidden_size:]], dim=-1)
         return layer_input, final
 

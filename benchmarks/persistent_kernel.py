@@ -1,0 +1,93 @@
+"""One LSTM layer's recurrence, forward and backward, on the persistent kernels against cuDNN, at the configs'
+shapes: time per sequential step and peak memory. Needs a CUDA GPU.
+
+    python -m benchmarks.persistent_kernel --output benchmarks/results/h100/persistent-kernel.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from sentiment.model import lstm_layers
+from sentiment.persistent import persistent_lstm
+
+SHAPES = {  # name: (reviews, steps, directions, hidden, input features)
+    "bilstm layer (128 x 256, hidden 150, both directions)": (128, 256, 2, 150, 300),
+    "lstm layer (64 x 256, hidden 75)": (64, 256, 1, 75, 75),
+}
+
+
+def timed(run: callable, repeats: int = 20) -> float:
+    """Median milliseconds of ``run()`` on the GPU (CUDA events), after two warm-up runs."""
+    for _ in range(2):
+        run()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def measure(batch: int, steps: int, directions: int, hidden: int, features: int) -> dict[str, float]:
+    """Milliseconds of forward and of forward + backward for both implementations, with peak reserved memory."""
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    x = torch.randn(batch, steps, features, device=device, requires_grad=True)
+    lengths = torch.full((batch,), steps, device=device)
+    w_ih = (0.1 * torch.randn(directions * 4 * hidden, features, device=device)).requires_grad_()
+    w_hh = (0.1 * torch.randn(directions, 4 * hidden, hidden, device=device)).requires_grad_()
+    bias = torch.zeros(directions * 4 * hidden, device=device, requires_grad=True)
+
+    def persistent() -> torch.Tensor:
+        gx = torch.nn.functional.linear(x, w_ih, bias).view(batch, steps, directions, 4 * hidden)
+        return persistent_lstm(gx, w_hh, lengths)[0]
+
+    weights = []
+    for d in range(directions):
+        weights += [w_ih[d * 4 * hidden : (d + 1) * 4 * hidden], w_hh[d], bias[d * 4 * hidden : (d + 1) * 4 * hidden]]
+        weights.append(torch.zeros_like(weights[-1]))
+    zeros = torch.zeros(directions, batch, hidden, device=device)
+
+    def cudnn() -> torch.Tensor:
+        return lstm_layers(x, (zeros, zeros), weights, train=True, bidirectional=directions == 2)[0]
+
+    row: dict[str, float] = {}
+    for name, run in (("cuDNN", cudnn), ("persistent", persistent)):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        with torch.no_grad():
+            row[f"{name} forward ms"] = timed(run)
+        row[f"{name} forward+backward ms"] = timed(lambda run=run: run().sum().backward())
+        row[f"{name} peak reserved GiB"] = torch.cuda.max_memory_reserved() / 2**30
+        row[f"{name} us/step (fwd+bwd)"] = 1000 * row[f"{name} forward+backward ms"] / steps
+    row["speed-up (fwd+bwd)"] = row["cuDNN forward+backward ms"] / row["persistent forward+backward ms"]
+    return row
+
+
+def main() -> None:
+    """Measure every shape and write Markdown + JSON."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", type=Path, required=True, help="Markdown report (JSON beside it)")
+    args = parser.parse_args()
+    rows = {name: measure(*shape) for name, shape in SHAPES.items()}
+    device = torch.cuda.get_device_name()
+    lines = [f"# Persistent LSTM kernel against cuDNN: {device}, torch {torch.__version__}", ""]
+    columns = list(next(iter(rows.values())))
+    lines += ["| shape | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(f"{row[c]:.3g}" for c in columns) + " |" for name, row in rows.items()]
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text("\n".join(lines) + "\n")
+    args.output.with_suffix(".json").write_text(json.dumps({"device": device, "rows": rows}, indent=1))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,450 @@
+"""A persistent LSTM recurrence for NVIDIA GPUs: one thread block owns a few reviews of one direction for the
+whole sequence, with the recurrent matrix ``W_hh`` held in shared memory.
+
+cuDNN runs each time step of a small LSTM as a handful of separate kernels (its persistent kernels only cover
+some sizes: at hidden 150 the backward pass gets its standard algorithm, three kernels per step). Here a step
+is a matrix-vector product from shared memory, the gates and the state update, with no launch and no
+synchronisation across the GPU: reviews are independent, so blocks never wait for each other. What is not
+sequential stays outside as large matrix products in PyTorch: the input projection ``x W_ih^T + b`` of all steps
+before the recurrence, and the weight gradients after it.
+
+``W_hh`` is kept in float32 where a direction's matrix fits in one block's shared memory (hidden sizes up to
+~110 on H100/H200), else in bfloat16 (up to ~158); the state, the gates and all accumulation are float32. Larger
+hidden sizes, other GPUs and the CPU use cuDNN / PyTorch (:func:`persistent_support` says why).
+
+The kernels are CUDA C++ compiled at run time with NVRTC, which PyTorch's CUDA wheels ship, so no CUDA toolkit is
+needed. ``torch.cuda._compile_kernel`` would do the compiling, but it asks for a toolkit's include folder even
+for a kernel that includes nothing; :func:`_compile` is its few NVRTC calls without that.
+
+Semantics are those of a packed sequence: each review runs over its own length (the backward direction from its
+last token), outputs at padding are zero, and the final state is the one after each review's last token.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+
+import torch
+
+# The source takes H (hidden size), S (32-bit words per weight row in shared memory: odd, so that 32 threads
+# reading 32 rows hit 32 banks), R (reviews per block), WFP32 (1: float32 weights, 0: bfloat16 pairs) and NT
+# (threads per block) as defines.
+_SOURCE = r"""
+#define G (4 * H)
+#define ROW_WORDS (WFP32 ? H : H / 2)
+
+__device__ __forceinline__ float sigmoid_(float x) { return 1.f / (1.f + __expf(-x)); }
+
+// Weight (row, k) of a direction's W_hh held in shared memory.
+__device__ __forceinline__ float weight_at(const unsigned int* w, int row, int k) {
+#if WFP32
+  return __uint_as_float(w[row * S + k]);
+#else
+  unsigned int pair = w[row * S + (k >> 1)];
+  return __uint_as_float((k & 1) ? (pair & 0xffff0000u) : (pair << 16));
+#endif
+}
+
+__device__ __forceinline__ void load_weights(unsigned int* w, const unsigned int* source) {
+  for (int i = threadIdx.x; i < G * ROW_WORDS; i += NT) {
+    int row = i / ROW_WORDS;
+    w[row * S + (i - row * ROW_WORDS)] = source[i];
+  }
+}
+
+// Position of step s of review r: forwards from 0, or backwards from its last token.
+__device__ __forceinline__ int position(int direction, int length, int s) {
+  return direction == 0 ? s : length - 1 - s;
+}
+
+extern "C" __global__ void __launch_bounds__(NT) lstm_forward(
+    const float* __restrict__ gx, const unsigned int* __restrict__ w_hh, const int* __restrict__ lengths,
+    const float* __restrict__ h0, const float* __restrict__ c0, float* __restrict__ out,
+    float* __restrict__ gates, float* __restrict__ cells, float* __restrict__ h_n, float* __restrict__ c_n,
+    int B, int T, int D, int save) {
+  extern __shared__ unsigned int shared[];
+  unsigned int* w = shared;
+  float* h = (float*)(shared + G * S);  // R x H: the state being read
+  float* act = h + R * H;               // R x G: the gates after their activation
+  const int d = blockIdx.y, first = blockIdx.x * R, tid = threadIdx.x;
+  load_weights(w, w_hh + (size_t)d * G * ROW_WORDS);
+  int len[R];
+  int steps = 0;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    len[r] = first + r < B ? lengths[first + r] : 0;
+    steps = max(steps, len[r]);
+  }
+  // Cell threads: one per (review, hidden unit); c lives in a register for the whole sequence.
+  const bool cell_thread = tid < R * H;
+  const int cr = tid / H, ck = tid - (tid / H) * H, cb = first + cr;
+  const int cell_len = cell_thread && cb < B ? lengths[cb] : 0;
+  float c = 0.f;
+  if (cell_thread) {
+    bool real = cb < B;
+    c = real ? c0[((size_t)d * B + cb) * H + ck] : 0.f;
+    h[cr * H + ck] = real ? h0[((size_t)d * B + cb) * H + ck] : 0.f;
+  }
+  // Gate threads: one per gate row j, for all R reviews.
+  const bool gate_thread = tid < G;
+  const int gate = tid / H;  // 0 input, 1 forget, 2 cell candidate, 3 output
+  float x_next[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+    x_next[r] = gate_thread && len[r] > 0
+        ? gx[(((size_t)(first + r) * T + position(d, len[r], 0)) * D + d) * G + tid] : 0.f;
+  __syncthreads();
+  for (int s = 0; s < steps; ++s) {
+    if (gate_thread) {
+      float acc[R], x[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        x[r] = x_next[r];
+        acc[r] = 0.f;
+        x_next[r] = s + 1 < len[r]  // the next step's input, loaded while this step computes
+            ? gx[(((size_t)(first + r) * T + position(d, len[r], s + 1)) * D + d) * G + tid] : 0.f;
+      }
+      const unsigned int* row = w + tid * S;
+#if WFP32
+#pragma unroll 5
+      for (int k = 0; k < H; ++k) {
+        float wk = __uint_as_float(row[k]);
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r] = fmaf(wk, h[r * H + k], acc[r]);
+      }
+#else
+      float acc2[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) acc2[r] = 0.f;
+#pragma unroll 5
+      for (int k = 0; k < H / 2; ++k) {
+        unsigned int pair = row[k];
+        float lo = __uint_as_float(pair << 16), hi = __uint_as_float(pair & 0xffff0000u);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          float2 hv = reinterpret_cast<const float2*>(h + r * H)[k];
+          acc[r] = fmaf(lo, hv.x, acc[r]);
+          acc2[r] = fmaf(hi, hv.y, acc2[r]);
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) acc[r] += acc2[r];
+#endif
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        float v = acc[r] + x[r];
+        v = gate == 2 ? tanhf(v) : sigmoid_(v);
+        act[r * G + tid] = v;
+        if (save && s < len[r]) gates[(((size_t)(first + r) * T + position(d, len[r], s)) * D + d) * G + tid] = v;
+      }
+    }
+    __syncthreads();
+    if (s < cell_len) {
+      const float* a = act + cr * G;
+      c = a[H + ck] * c + a[ck] * a[2 * H + ck];
+      float hv = a[3 * H + ck] * tanhf(c);
+      h[cr * H + ck] = hv;
+      size_t at = (((size_t)cb * T + position(d, cell_len, s)) * D + d) * H + ck;
+      out[at] = hv;
+      if (save) cells[at] = c;
+    }
+    __syncthreads();
+  }
+  if (cell_thread && cb < B) {
+    h_n[((size_t)d * B + cb) * H + ck] = h[cr * H + ck];
+    c_n[((size_t)d * B + cb) * H + ck] = c;
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(NT) lstm_backward(
+    const float* __restrict__ grad_out, const float* __restrict__ grad_h_n, const float* __restrict__ grad_c_n,
+    const unsigned int* __restrict__ w_hh, const int* __restrict__ lengths, const float* __restrict__ gates,
+    const float* __restrict__ cells, const float* __restrict__ c0, float* __restrict__ grad_gates,
+    float* __restrict__ grad_h0, float* __restrict__ grad_c0, int B, int T, int D) {
+  extern __shared__ unsigned int shared[];
+  unsigned int* w = shared;
+  float* dg = (float*)(shared + G * S);  // R x G: this step's gate gradients (before the activations)
+  float* part = dg + R * G;              // 4 x R x H: W_hh^T dg, one part per gate
+  const int d = blockIdx.y, first = blockIdx.x * R, tid = threadIdx.x;
+  load_weights(w, w_hh + (size_t)d * G * ROW_WORDS);
+  int len[R];
+  int steps = 0;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    len[r] = first + r < B ? lengths[first + r] : 0;
+    steps = max(steps, len[r]);
+  }
+  const bool cell_thread = tid < R * H;
+  const int cr = tid / H, ck = tid - (tid / H) * H, cb = first + cr;
+  const int cell_len = cell_thread && cb < B ? lengths[cb] : 0;
+  // dh: the gradient reaching h_t through the recurrence (from step t+1, or the final state's); dc likewise.
+  float dh_next = 0.f, dc = 0.f;
+  if (cell_thread && cb < B) {
+    dh_next = grad_h_n[((size_t)d * B + cb) * H + ck];
+    dc = grad_c_n[((size_t)d * B + cb) * H + ck];
+  }
+  __syncthreads();
+  for (int s = steps - 1; s >= 0; --s) {
+    if (cell_thread) {
+      float* dgr = dg + cr * G;
+      if (s < cell_len) {
+        size_t base = ((size_t)cb * T + position(d, cell_len, s)) * D + d;
+        float dh = grad_out[base * H + ck] + dh_next;
+        float cv = cells[base * H + ck];
+        float cp = s > 0 ? cells[(((size_t)cb * T + position(d, cell_len, s - 1)) * D + d) * H + ck]
+                         : c0[((size_t)d * B + cb) * H + ck];
+        const float* ga = gates + base * G;
+        float i = ga[ck], f = ga[H + ck], g = ga[2 * H + ck], o = ga[3 * H + ck];
+        float tc = tanhf(cv);
+        dc += dh * o * (1.f - tc * tc);
+        float di = dc * g * i * (1.f - i), df = dc * cp * f * (1.f - f);
+        float dgg = dc * i * (1.f - g * g), dout = dh * tc * o * (1.f - o);
+        dc *= f;
+        dgr[ck] = di; dgr[H + ck] = df; dgr[2 * H + ck] = dgg; dgr[3 * H + ck] = dout;
+        float* gg = grad_gates + base * G;
+        gg[ck] = di; gg[H + ck] = df; gg[2 * H + ck] = dgg; gg[3 * H + ck] = dout;
+      } else {
+        dgr[ck] = 0.f; dgr[H + ck] = 0.f; dgr[2 * H + ck] = 0.f; dgr[3 * H + ck] = 0.f;
+      }
+    }
+    __syncthreads();
+    if (tid < G) {  // thread (p, k): the rows of gate p, column k of W_hh
+      const int p = tid / H, k = tid - (tid / H) * H;
+      float acc[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) acc[r] = 0.f;
+#pragma unroll 5
+      for (int m = 0; m < H; ++m) {
+        float wv = weight_at(w, p * H + m, k);
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[r] = fmaf(wv, dg[r * G + p * H + m], acc[r]);
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) part[(p * R + r) * H + k] = acc[r];
+    }
+    __syncthreads();
+    if (s < cell_len)
+      dh_next = part[cr * H + ck] + part[(R + cr) * H + ck] + part[(2 * R + cr) * H + ck]
+          + part[(3 * R + cr) * H + ck];
+  }
+  if (cell_thread && cb < B) {
+    grad_h0[((size_t)d * B + cb) * H + ck] = dh_next;
+    grad_c0[((size_t)d * B + cb) * H + ck] = dc;
+  }
+}
+"""
+
+MAX_REVIEWS_PER_BLOCK = 4
+
+
+def _row_words(hidden: int, fp32: bool) -> int:
+    """32-bit words per weight row in shared memory: the row's words, made odd (conflict-free row reads)."""
+    words = hidden if fp32 else hidden // 2
+    return words if words % 2 else words + 1
+
+
+def _shared_bytes(hidden: int, fp32: bool, reviews: int) -> int:
+    """Shared memory of the larger of the two kernels: weights, then the backward's gate gradients and parts."""
+    return 4 * (4 * hidden * _row_words(hidden, fp32) + reviews * 4 * hidden + 4 * reviews * hidden)
+
+
+def _shared_limit(device: torch.device) -> int:
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 49152)
+
+
+def persistent_support(hidden: int, device: torch.device) -> str | None:
+    """None if the persistent kernels can run an LSTM of ``hidden`` units on ``device``, else the reason."""
+    if device.type != "cuda" or torch.version.cuda is None:
+        return f"the persistent LSTM needs an NVIDIA GPU (this device is {device.type})"
+    if 4 * hidden > 1024:
+        return f"hidden_dim {hidden} needs more than 1024 threads per block (the persistent LSTM takes up to 256)"
+    limit = _shared_limit(device)
+    if _shared_bytes(hidden, True, 1) <= limit:
+        return None
+    if hidden % 2 == 0 and _shared_bytes(hidden, False, 1) <= limit:
+        return None
+    return (
+        f"hidden_dim {hidden}: W_hh does not fit one block's {limit // 1024} KiB of shared memory even in "
+        "bfloat16 (the persistent LSTM takes an even hidden_dim up to ~158 on H100/H200)"
+    )
+
+
+def _compile(source: str, names: tuple[str, ...], device: torch.device) -> dict:
+    """Compile ``source`` with NVRTC for ``device``'s architecture and load ``names`` from it."""
+    from torch.cuda import _utils
+
+    nvrtc = _utils._get_gpu_rtc_library()
+    props = torch.cuda.get_device_properties(device)
+    options = [f"--gpu-architecture=sm_{props.major}{props.minor}".encode(), b"-std=c++17", b"--use_fast_math"]
+    program = ctypes.c_void_p()
+
+    def check(result: int, what: str) -> None:
+        if result != 0:
+            log_size = ctypes.c_size_t()
+            nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(log_size))
+            log = ctypes.create_string_buffer(log_size.value)
+            nvrtc.nvrtcGetProgramLog(program, log)
+            raise RuntimeError(f"NVRTC {what} failed ({result}): {log.value.decode(errors='replace')[:2000]}")
+
+    check(nvrtc.nvrtcCreateProgram(ctypes.byref(program), source.encode(), b"lstm.cu", 0, None, None), "create")
+    try:
+        check(nvrtc.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options)), "compile")
+        size = ctypes.c_size_t()
+        check(nvrtc.nvrtcGetCUBINSize(program, ctypes.byref(size)), "cubin size")
+        cubin = ctypes.create_string_buffer(size.value)
+        check(nvrtc.nvrtcGetCUBIN(program, cubin), "cubin")
+    finally:
+        nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
+    with torch.cuda.device(device):
+        return _utils._cuda_load_module(cubin.raw, list(names))
+
+
+@functools.cache
+def _kernels(hidden: int, reviews: int, fp32: bool, device_index: int) -> tuple:
+    """(forward, backward, threads, shared bytes) for one shape, compiled once per process."""
+    threads = 32 * math.ceil(4 * hidden / 32)
+    defines = f"#define H {hidden}\n#define S {_row_words(hidden, fp32)}\n#define R {reviews}\n"
+    defines += f"#define WFP32 {int(fp32)}\n#define NT {threads}\n"
+    device = torch.device("cuda", device_index)
+    kernels = _compile(defines + _SOURCE, ("lstm_forward", "lstm_backward"), device)
+    shared = _shared_bytes(hidden, fp32, reviews)
+    for kernel in kernels.values():
+        kernel.set_shared_memory_config(max(shared, 48 * 1024))
+    return kernels["lstm_forward"], kernels["lstm_backward"], threads, shared
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _weights_fp32(hidden: int, reviews: int, device: torch.device) -> bool:
+    return _shared_bytes(hidden, True, reviews) <= _shared_limit(device)
+
+
+def _plan(batch: int, directions: int, hidden: int, device: torch.device) -> tuple[int, bool]:
+    """(reviews per block, float32 weights): enough reviews per block for one wave of blocks over the SMs, and
+    float32 weights where they fit. The first call for a hidden size compiles the kernels of every plan, so that
+    none compiles while a CUDA graph is being captured (a batch split into smaller groups changes the plan)."""
+    index = _index(device)
+    for reviews in range(1, MAX_REVIEWS_PER_BLOCK + 1):
+        if _weights_fp32(hidden, reviews, device) or _shared_bytes(hidden, False, reviews) <= _shared_limit(device):
+            _kernels(hidden, reviews, _weights_fp32(hidden, reviews, device), index)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    reviews = max(1, min(MAX_REVIEWS_PER_BLOCK, math.ceil(batch * directions / sms)))
+    while (
+        reviews > 1
+        and not _weights_fp32(hidden, reviews, device)
+        and _shared_bytes(hidden, False, reviews) > (_shared_limit(device))
+    ):
+        reviews -= 1
+    return reviews, _weights_fp32(hidden, reviews, device)
+
+
+def _weight_words(w_hh: torch.Tensor, fp32: bool) -> torch.Tensor:
+    """``w_hh`` (D x 4H x H) as the 32-bit words the kernels read: float32, or bfloat16 pairs."""
+    weights = w_hh.detach().float() if fp32 else w_hh.detach().to(torch.bfloat16)
+    return weights.contiguous().view(torch.int32)
+
+
+class _PersistentLSTM(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        gx: torch.Tensor,
+        w_hh: torch.Tensor,
+        lengths: torch.Tensor,
+        h0: torch.Tensor,
+        c0: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch, steps, directions, gate_rows = gx.shape
+        hidden = gate_rows // 4
+        reviews, fp32 = _plan(batch, directions, hidden, gx.device)
+        forward, _, threads, shared = _kernels(hidden, reviews, fp32, _index(gx.device))
+        save = any(ctx.needs_input_grad)  # False under no_grad: evaluation stores nothing for backward
+        words = _weight_words(w_hh, fp32)
+        out = gx.new_zeros(batch, steps, directions, hidden)
+        gates = gx.new_empty(batch, steps, directions, gate_rows) if save else gx.new_empty(1)
+        cells = gx.new_empty(batch, steps, directions, hidden) if save else gx.new_empty(1)
+        h_n, c_n = torch.empty_like(h0), torch.empty_like(c0)
+        forward(
+            grid=(math.ceil(batch / reviews), directions, 1), block=(threads, 1, 1), shared_mem=shared,
+            args=[gx, words, lengths, h0, c0, out, gates, cells, h_n, c_n, batch, steps, directions, int(save)],
+        )  # fmt: skip
+        if save:
+            ctx.save_for_backward(words, lengths, h0, c0, out, gates, cells)
+            ctx.plan = reviews, fp32
+        return out, h_n, c_n
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx,
+        grad_out: torch.Tensor | None,
+        grad_h_n: torch.Tensor | None,
+        grad_c_n: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, ...]:
+        words, lengths, h0, c0, out, gates, cells = ctx.saved_tensors
+        batch, steps, directions, hidden = out.shape
+        reviews, fp32 = ctx.plan
+        _, backward, threads, shared = _kernels(hidden, reviews, fp32, _index(out.device))
+        zeros = torch.zeros_like(h0)
+        grad_out = out.new_zeros(out.shape) if grad_out is None else grad_out.float().contiguous()
+        grad_h_n = zeros if grad_h_n is None else grad_h_n.float().contiguous()
+        grad_c_n = zeros if grad_c_n is None else grad_c_n.float().contiguous()
+        grad_gates = torch.zeros_like(gates)
+        grad_h0, grad_c0 = torch.empty_like(h0), torch.empty_like(c0)
+        backward(
+            grid=(math.ceil(batch / reviews), directions, 1), block=(threads, 1, 1), shared_mem=shared,
+            args=[grad_out, grad_h_n, grad_c_n, words, lengths, gates, cells, c0, grad_gates, grad_h0, grad_c0,
+                  batch, steps, directions],
+        )  # fmt: skip
+        grad_w_hh = None
+        if ctx.needs_input_grad[1]:  # sum over steps of dgates_t (x) h_{t-1}, per direction: one matrix product
+            previous = _previous_states(out, lengths, h0)
+            grad_w_hh = torch.einsum("btdg,btdh->dgh", grad_gates, previous)
+        return grad_gates, grad_w_hh, None, grad_h0, grad_c0
+
+
+def _previous_states(out: torch.Tensor, lengths: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    """h_{t-1} at every position (B x T x D x H): the forward direction's previous position, the backward
+    direction's next one, and ``h0`` where a direction starts (outputs at padding are zero, so position
+    ``length`` of the backward direction reads zero before ``h0`` is written in)."""
+    previous = torch.zeros_like(out)
+    previous[:, 1:, 0] = out[:, :-1, 0]
+    previous[:, 0, 0] = h0[0]
+    if out.shape[2] == 2:
+        previous[:, :-1, 1] = out[:, 1:, 1]
+        rows = torch.arange(out.shape[0], device=out.device)
+        previous[rows, lengths.long() - 1, 1] = h0[1]
+    return previous
+
+
+def persistent_lstm(
+    gx: torch.Tensor,
+    w_hh: torch.Tensor,
+    lengths: torch.Tensor,
+    state: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """One LSTM layer's recurrence, one or two directions, on the GPU's persistent kernels, under autograd.
+
+    ``gx`` (B x T x D x 4H): the input projections ``x W_ih^T + b_ih + b_hh`` of each direction, gates in
+    PyTorch's order (input, forget, cell, output); ``w_hh`` (D x 4H x H); ``lengths`` (B,) of right-padded
+    reviews; ``state`` (h0, c0), each D x B x H (zeros if None). Returns the outputs (B x T x D x H, zero at
+    padding; direction 1 runs from each review's last token backwards) and the final (h, c), each D x B x H.
+    Computed in float32 with ``W_hh`` in float32 or bfloat16 (see the module's docstring).
+    """
+    batch, _, directions, gate_rows = gx.shape
+    hidden = gate_rows // 4
+    if w_hh.shape != (directions, gate_rows, hidden):
+        raise ValueError(f"w_hh has shape {tuple(w_hh.shape)}, expected {(directions, gate_rows, hidden)}")
+    reason = persistent_support(hidden, gx.device)
+    if reason is not None:
+        raise RuntimeError(reason)
+    if state is None:
+        zeros = gx.new_zeros(directions, batch, hidden, dtype=torch.float32)
+        state = (zeros, zeros)
+    h0, c0 = (s.float().contiguous() for s in state)
+    lengths = lengths.to(device=gx.device, dtype=torch.int32).contiguous()
+    out, h_n, c_n = _PersistentLSTM.apply(gx.float().contiguous(), w_hh, lengths, h0, c0)
+    return out, (h_n, c_n)

@@ -1,0 +1,168 @@
+"""The persistent LSTM kernels (``rnn_input: persistent``).
+
+On a GPU (skipped without one): outputs, final states and every gradient equal packed ``nn.LSTM`` in float64,
+for float32 and bfloat16 recurrent weights, one and two directions, reviews of unequal lengths and given initial
+states; the classifier gives the fused path's logits and trains under CUDA graphs as it does eagerly.
+On CPU: the path falls back to padded with a warning, and computes the same function.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from sentiment.batching import PadCollator, bucket_length
+from sentiment.config import build_config
+from sentiment.graphs import GraphedTrainStep, train_step
+from sentiment.model import LSTMClassifier
+from sentiment.persistent import persistent_lstm, persistent_support
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def reference_lstm(
+    lstm: nn.LSTM, x: torch.Tensor, lengths: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packed ``nn.LSTM`` (outputs zero at padding, final states after each review's last token)."""
+    packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+    output, (h_n, c_n) = lstm(packed, state)
+    return pad_packed_sequence(output, batch_first=True, total_length=x.shape[1])[0], h_n, c_n
+
+
+def run_both(hidden: int, bidirectional: bool, round_to_bf16: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(kernel, float64 reference) pairs of outputs, final states and gradients on random reviews of unequal
+    lengths with random initial states. ``round_to_bf16``: the reference's W_hh rounded to bfloat16 first."""
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    batch, steps, features = 7, 23, 12
+    directions = 2 if bidirectional else 1
+    lstm = nn.LSTM(features, hidden, batch_first=True, bidirectional=bidirectional).double()
+    if round_to_bf16:
+        with torch.no_grad():
+            for name, weight in lstm.named_parameters():
+                if name.startswith("weight_hh"):
+                    weight.copy_(weight.to(torch.bfloat16).double())
+    x = torch.randn(batch, steps, features, dtype=torch.float64)
+    lengths = torch.tensor([23, 1, 17, 23, 5, 9, 2])
+    h0 = 0.5 * torch.randn(directions, batch, hidden, dtype=torch.float64)
+    c0 = 0.5 * torch.randn(directions, batch, hidden, dtype=torch.float64)
+    weights_out = torch.randn(batch, steps, directions * hidden, dtype=torch.float64)
+    weights_h, weights_c = torch.randn_like(h0), torch.randn_like(c0)
+
+    def loss(out: torch.Tensor, h_n: torch.Tensor, c_n: torch.Tensor) -> torch.Tensor:
+        real = (torch.arange(steps, device=out.device)[None, :] < lengths.to(out.device)[:, None]).unsqueeze(-1)
+        return (
+            (out * real * weights_out.to(out)).sum() + (h_n * weights_h.to(h_n)).sum() + (c_n * weights_c.to(c_n)).sum()
+        )
+
+    ref_inputs = [t.clone().requires_grad_() for t in (x, h0, c0)]
+    ref_out, ref_h, ref_c = reference_lstm(lstm, ref_inputs[0], lengths, (ref_inputs[1], ref_inputs[2]))
+    loss(ref_out, ref_h, ref_c).backward()
+
+    gpu = copy.deepcopy(lstm).float().to(device)
+    inputs = [t.float().to(device).requires_grad_() for t in (x, h0, c0)]
+    suffixes = ["", "_reverse"][:directions]
+    w_ih = torch.cat([getattr(gpu, f"weight_ih_l0{s}") for s in suffixes])
+    bias = torch.cat([getattr(gpu, f"bias_ih_l0{s}") + getattr(gpu, f"bias_hh_l0{s}") for s in suffixes])
+    w_hh = torch.stack([getattr(gpu, f"weight_hh_l0{s}") for s in suffixes])
+    gx = torch.nn.functional.linear(inputs[0], w_ih, bias).view(batch, steps, directions, 4 * hidden)
+    out, (h_n, c_n) = persistent_lstm(gx, w_hh, lengths.to(device), (inputs[1], inputs[2]))
+    loss(out.reshape(batch, steps, -1), h_n, c_n).backward()
+
+    pairs = {"outputs": (out.reshape(batch, steps, -1), ref_out), "h_n": (h_n, ref_h), "c_n": (c_n, ref_c)}
+    for name, mine, theirs in zip(("x", "h0", "c0"), inputs, ref_inputs, strict=True):
+        pairs[f"grad {name}"] = (mine.grad, theirs.grad)
+    for (name, mine), theirs in zip(gpu.named_parameters(), lstm.parameters(), strict=True):
+        pairs[f"grad {name}"] = (mine.grad, theirs.grad)
+    return pairs
+
+
+def close(name: str, mine: torch.Tensor, reference: torch.Tensor, tolerance: float) -> None:
+    """Every element within ``tolerance`` times the reference's largest magnitude (sums of many float32 terms)."""
+    error = (mine.double().cpu() - reference).abs().max().item()
+    scale = reference.abs().max().item()
+    assert error <= tolerance * scale, f"{name}: largest difference {error:.3g}, reference scale {scale:.3g}"
+
+
+@needs_cuda
+@pytest.mark.parametrize(
+    ("hidden", "bidirectional"),
+    [(16, False), (16, True), (75, False), (150, True)],  # 150: bfloat16 W_hh on an 80/141 GB card
+)
+def test_kernel_equals_packed_lstm(hidden: int, bidirectional: bool) -> None:
+    """Against the float64 reference with W_hh as the kernel holds it: float32 accumulation error only."""
+    pairs = run_both(hidden, bidirectional, round_to_bf16=hidden > 110)
+    assert pairs["outputs"][0].abs().sum() > 0 and pairs["grad weight_hh_l0"][0].abs().sum() > 0
+    for name, (mine, theirs) in pairs.items():
+        close(name, mine, theirs, 1e-5)
+
+
+@needs_cuda
+def test_bfloat16_weights_stay_within_bfloat16_tolerance() -> None:
+    """With the exact float32 W_hh in the reference, the bfloat16 copy costs no more than bfloat16's precision."""
+    for name, (mine, theirs) in run_both(150, True, round_to_bf16=False).items():
+        close(name, mine, theirs, 1e-2)
+
+
+@needs_cuda
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_classifier_persistent_equals_fused(bidirectional: bool) -> None:
+    """Same logits and gradients as the fused cuDNN path, two layers, reviews of unequal lengths."""
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    fused = LSTMClassifier(90, 10, 24, 2, bidirectional, dropout=0.0, rnn_input="fused").to(device).train()
+    persistent = copy.deepcopy(fused)
+    persistent.rnn_input = "persistent"
+    ids = torch.randint(2, 90, (6, 31), device=device)
+    lengths = torch.tensor([31, 4, 19, 31, 1, 12], device=device)
+    ids[torch.arange(31, device=device)[None, :] >= lengths[:, None]] = 1
+    for model in (fused, persistent):
+        model(ids, lengths).sum().backward()
+    torch.testing.assert_close(persistent(ids, lengths), fused(ids, lengths), rtol=1e-4, atol=1e-5)
+    for (name, a), b in zip(persistent.named_parameters(), fused.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@needs_cuda
+def test_graph_replay_matches_eager_persistent_steps() -> None:
+    """Training steps replayed from CUDA graphs over several shapes update the weights as eager steps do."""
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    eager = LSTMClassifier(80, 8, 16, 2, True, dropout=0.0, rnn_input="persistent").to(device).train()
+    graphed = copy.deepcopy(eager)
+    eager_opt = torch.optim.Adam(eager.parameters(), lr=0.01, capturable=True)
+    graph_opt = torch.optim.Adam(graphed.parameters(), lr=0.01, capturable=True)
+    step = GraphedTrainStep(graphed, graph_opt, max_grad_norm=1.0)
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    collate = PadCollator(pad_id=1, fixed_rows=8)
+    rng = np.random.default_rng(0)
+    for lengths in ([40, 33], [5] * 8, [37, 38, 3], [120, 64, 100]):
+        batch = collate([(rng.integers(2, 80, n), int(rng.integers(0, 2))) for n in lengths])
+        assert batch["input_ids"].shape[1] == bucket_length(max(lengths))
+        step.step(batch)
+        train_step(eager, eager_opt, {k: v.to(device) for k, v in batch.items()}, totals, 1.0)
+        eager_opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    assert len(step.graphs) == 3
+    for a, b in zip(eager.parameters(), graphed.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_unsupported_device_falls_back_with_a_warning() -> None:
+    """On CPU the persistent path says why it cannot run and computes the padded path's function."""
+    assert "NVIDIA GPU" in persistent_support(16, torch.device("cpu"))
+    torch.manual_seed(0)
+    padded = LSTMClassifier(50, 6, 8, 2, True, dropout=0.0, rnn_input="padded").eval()
+    persistent = copy.deepcopy(padded)
+    persistent.rnn_input = "persistent"
+    ids = torch.randint(2, 50, (3, 9))
+    lengths = torch.tensor([9, 3, 6])
+    with pytest.warns(UserWarning, match="rnn_input persistent: the persistent LSTM needs an NVIDIA GPU"):
+        logits = persistent(ids, lengths)
+    torch.testing.assert_close(logits, padded(ids, lengths))
+    assert build_config(overrides={"rnn_input": "persistent"}).rnn_input == "persistent"
