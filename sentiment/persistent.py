@@ -254,10 +254,18 @@ def _shared_limit(device: torch.device) -> int:
     return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 49152)
 
 
+@functools.cache
 def persistent_support(hidden: int, device: torch.device) -> str | None:
     """None if the persistent kernels can run an LSTM of ``hidden`` units on ``device``, else the reason."""
     if device.type != "cuda" or torch.version.cuda is None:
         return f"the persistent LSTM needs an NVIDIA GPU (this device is {device.type})"
+    try:
+        from torch.cuda import _utils
+
+        _utils._get_gpu_rtc_library()
+        _utils._cuda_load_module  # noqa: B018 (present since torch 2.8)
+    except (ImportError, AttributeError, OSError) as err:
+        return f"the persistent LSTM is compiled with NVRTC, which this PyTorch cannot load ({err})"
     if 4 * hidden > 1024:
         return f"hidden_dim {hidden} needs more than 1024 threads per block (the persistent LSTM takes up to 256)"
     limit = _shared_limit(device)
