@@ -3,12 +3,23 @@
 On a GPU (skipped without one): outputs, final states and every gradient equal packed ``nn.LSTM`` in float64,
 for float32 and bfloat16 recurrent weights, one and two directions, reviews of unequal lengths and given initial
 states; the classifier gives the fused path's logits and trains under CUDA graphs as it does eagerly.
-On CPU: the path falls back to padded with a warning, and computes the same function.
+On CPU: the path falls back to padded with a warning, and computes the same function; and the kernels' own CUDA
+source, built with a C++20 compiler against ``cuda_on_cpu.h`` (one CPU thread per CUDA thread, a barrier for
+``__syncthreads``), gives the padded path's logits and gradients through the real autograd function, for float32
+and bfloat16 weights, one to four reviews per block, one and two directions. That checks the kernels' logic and
+indexing in CI; the GPU tests check them on the hardware.
 """
 
 from __future__ import annotations
 
 import copy
+import ctypes
+import functools
+import math
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +27,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from sentiment import model as model_module
+from sentiment import persistent
 from sentiment.batching import PadCollator, bucket_length
 from sentiment.config import build_config
 from sentiment.graphs import GraphedTrainStep, train_step
@@ -166,3 +179,95 @@ def test_unsupported_device_falls_back_with_a_warning() -> None:
         logits = persistent(ids, lengths)
     torch.testing.assert_close(logits, padded(ids, lengths))
     assert build_config(overrides={"rnn_input": "persistent"}).rnn_input == "persistent"
+
+
+LAUNCHERS = r"""
+extern "C" void launch_forward(int gx, int gy, const float* a, const unsigned int* b, const int* c, const float* d,
+    const float* e, float* f, float* g, float* h, float* i, float* j, int B, int T, int D, int save) {
+  run_blocks(gx, gy, NT, [&] { lstm_forward(a, b, c, d, e, f, g, h, i, j, B, T, D, save); });
+}
+extern "C" void launch_backward(int gx, int gy, const float* a, const float* b, const float* c, const unsigned int* d,
+    const int* e, const float* f, const float* g, const float* h, float* i, float* j, float* k, int B, int T, int D) {
+  run_blocks(gx, gy, NT, [&] { lstm_backward(a, b, c, d, e, f, g, h, i, j, k, B, T, D); });
+}
+"""
+
+
+def cpu_kernels(build_dir: Path) -> Callable:
+    """A stand-in for ``persistent._kernels`` that builds the same source for the CPU (see ``cuda_on_cpu.h``)."""
+
+    @functools.cache
+    def kernels(hidden: int, reviews: int, fp32: bool, device_index: int) -> tuple:
+        threads = 32 * math.ceil(4 * hidden / 32)
+        defines = f"#define H {hidden}\n#define S {persistent._row_words(hidden, fp32)}\n#define R {reviews}\n"
+        defines += f"#define WFP32 {int(fp32)}\n#define NT {threads}\n"
+        source = build_dir / f"lstm_{hidden}_{reviews}_{int(fp32)}.cpp"
+        source.write_text('#include "cuda_on_cpu.h"\n' + defines + persistent._SOURCE + LAUNCHERS)
+        library = source.with_suffix(".so")
+        include = f"-I{Path(__file__).parent}"
+        command = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", include, "-o", library, source, "-lpthread"]
+        subprocess.run(command, check=True, capture_output=True)
+        lib = ctypes.CDLL(str(library))
+
+        def launcher(function: Callable) -> Callable:
+            def launch(grid: tuple, block: tuple, shared_mem: int, args: list) -> None:
+                values = [ctypes.c_void_p(a.data_ptr()) if torch.is_tensor(a) else ctypes.c_int(a) for a in args]
+                function(ctypes.c_int(grid[0]), ctypes.c_int(grid[1]), *values)
+
+            return launch
+
+        return launcher(lib.launch_forward), launcher(lib.launch_backward), threads, 0
+
+    return kernels
+
+
+def compiles_cxx20() -> bool:
+    if shutil.which("g++") is None:
+        return False
+    check = subprocess.run(["g++", "-std=c++20", "-x", "c++", "-fsyntax-only", "-"], input="#include <barrier>\n",
+                           capture_output=True, text=True)  # fmt: skip
+    return check.returncode == 0
+
+
+@pytest.mark.skipif(not compiles_cxx20(), reason="needs g++ with C++20 (std::barrier)")
+@pytest.mark.parametrize(
+    ("bidirectional", "hidden", "layers", "reviews", "fp32"),
+    [(False, 5, 3, 1, True), (False, 75, 2, 2, True), (True, 6, 2, 2, False), (False, 6, 2, 3, False),
+     (True, 5, 1, 4, True)],
+)  # fmt: skip
+def test_kernel_source_on_cpu_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bidirectional: bool, hidden: int, layers: int, reviews: int,
+    fp32: bool,
+) -> None:  # fmt: skip
+    """The CUDA source's forward and backward, run on CPU threads through the real autograd function, equal the
+    padded path (its W_hh rounded to bfloat16 where the kernel holds bfloat16): logits in training and evaluation,
+    and every gradient."""
+    monkeypatch.setattr(persistent, "_kernels", cpu_kernels(tmp_path))
+    monkeypatch.setattr(persistent, "_index", lambda device: 0)
+    monkeypatch.setattr(persistent, "_plan", lambda batch, directions, hidden, device: (reviews, fp32))
+    monkeypatch.setattr(model_module, "persistent_support", lambda hidden, device: None)
+    monkeypatch.setattr(persistent, "persistent_support", lambda hidden, device: None)
+    torch.manual_seed(0)
+    padded = LSTMClassifier(50, 5, hidden, layers, bidirectional, dropout=0.0, rnn_input="padded").train()
+    if not fp32:
+        with torch.no_grad():
+            for name, weight in padded.lstm.named_parameters():
+                if name.startswith("weight_hh"):
+                    weight.copy_(weight.to(torch.bfloat16).float())
+    kernel = copy.deepcopy(padded)
+    kernel.rnn_input = "persistent"
+    batch, steps = 6, 11
+    lengths = torch.tensor([11, 1, 7, 11, 4, 2])
+    ids = torch.randint(2, 50, (batch, steps))
+    ids[torch.arange(steps)[None, :] >= lengths[:, None]] = 1
+    logits = {}
+    for name, model in (("padded", padded), ("kernel", kernel)):
+        logits[name] = model(ids, lengths)
+        (logits[name] * torch.arange(1.0, batch + 1)).sum().backward()
+    close("training logits", logits["kernel"], logits["padded"].double(), 1e-5)
+    for (name, mine), theirs in zip(kernel.named_parameters(), padded.parameters(), strict=True):
+        close(f"grad {name}", mine.grad, theirs.grad.double(), 1e-5)
+    kernel.eval()
+    padded.eval()
+    with torch.inference_mode():
+        close("evaluation logits", kernel(ids, lengths), padded(ids, lengths).double(), 1e-5)

@@ -1,0 +1,40 @@
+// Just enough of CUDA C++ to run a kernel's own source on the CPU, for tests without a GPU: one std::thread per
+// CUDA thread, a std::barrier for __syncthreads(), one block at a time (blocks are independent), and shared memory
+// filled with garbage before each block, as a GPU's would be.
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstddef>
+#include <cstring>
+#include <thread>
+#include <vector>
+using std::max;
+struct dim3_ { int x, y, z; };
+thread_local dim3_ threadIdx;
+dim3_ blockIdx;
+std::barrier<>* block_barrier;
+unsigned int shared[64 * 1024];
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __restrict__
+#define __launch_bounds__(n)
+#define __shared__
+#define __syncthreads() block_barrier->arrive_and_wait()
+inline float __expf(float x) { return expf(x); }
+inline float __uint_as_float(unsigned int u) { float f; memcpy(&f, &u, 4); return f; }
+struct float2 { float x, y; };
+
+template <typename Body> void run_blocks(int grid_x, int grid_y, int threads, Body body) {
+  for (int y = 0; y < grid_y; ++y) {
+    for (int x = 0; x < grid_x; ++x) {
+      blockIdx = {x, y, 0};
+      std::barrier<> barrier(threads);
+      block_barrier = &barrier;
+      memset(shared, 0xff, sizeof(shared));
+      std::vector<std::thread> pool;
+      for (int t = 0; t < threads; ++t) pool.emplace_back([&, t] { threadIdx = {t, 0, 0}; body(); });
+      for (auto& thread : pool) thread.join();
+    }
+  }
+}
