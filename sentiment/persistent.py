@@ -185,21 +185,35 @@ extern "C" __global__ void __launch_bounds__(NT) lstm_backward(
     dh_next = grad_h_n[((size_t)d * B + cb) * H + ck];
     dc = grad_c_n[((size_t)d * B + cb) * H + ck];
   }
+  // What a step reads from global memory, fetched one step ahead so that the loads overlap the step before.
+  struct Inputs { float grad, c, c_prev, i, f, g, o; };
+  auto fetch = [&](int s) {
+    Inputs in = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    if (s >= 0 && s < cell_len) {
+      size_t base = ((size_t)cb * T + position(d, cell_len, s)) * D + d;
+      in.grad = grad_out[base * H + ck];
+      in.c = cells[base * H + ck];
+      in.c_prev = s > 0 ? cells[(((size_t)cb * T + position(d, cell_len, s - 1)) * D + d) * H + ck]
+                        : c0[((size_t)d * B + cb) * H + ck];
+      const float* ga = gates + base * G;
+      in.i = ga[ck]; in.f = ga[H + ck]; in.g = ga[2 * H + ck]; in.o = ga[3 * H + ck];
+    }
+    return in;
+  };
+  Inputs next = fetch(steps - 1);
   __syncthreads();
   for (int s = steps - 1; s >= 0; --s) {
+    const Inputs in = next;
+    next = fetch(s - 1);
     if (cell_thread) {
       float* dgr = dg + cr * G;
       if (s < cell_len) {
         size_t base = ((size_t)cb * T + position(d, cell_len, s)) * D + d;
-        float dh = grad_out[base * H + ck] + dh_next;
-        float cv = cells[base * H + ck];
-        float cp = s > 0 ? cells[(((size_t)cb * T + position(d, cell_len, s - 1)) * D + d) * H + ck]
-                         : c0[((size_t)d * B + cb) * H + ck];
-        const float* ga = gates + base * G;
-        float i = ga[ck], f = ga[H + ck], g = ga[2 * H + ck], o = ga[3 * H + ck];
-        float tc = tanhf(cv);
+        float dh = in.grad + dh_next;
+        float i = in.i, f = in.f, g = in.g, o = in.o;
+        float tc = tanhf(in.c);
         dc += dh * o * (1.f - tc * tc);
-        float di = dc * g * i * (1.f - i), df = dc * cp * f * (1.f - f);
+        float di = dc * g * i * (1.f - i), df = dc * in.c_prev * f * (1.f - f);
         float dgg = dc * i * (1.f - g * g), dout = dh * tc * o * (1.f - o);
         dc *= f;
         dgr[ck] = di; dgr[H + ck] = df; dgr[2 * H + ck] = dgg; dgr[3 * H + ck] = dout;
