@@ -14,13 +14,17 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from sentiment.model import CheckpointError, LSTMClassifier, load_checkpoint, lstm_layers, unshare_storage
+from sentiment.persistent import persistent_lstm, runs_here
 from sentiment.prepare import PreparedData
 
 
 class LSTMLanguageModel(
     nn.Module, PyTorchModelHubMixin, library_name="sentiment-lstm", tags=["language-model", "lstm", "imdb"]
 ):
-    """Embedding -> LSTM -> projection to the embedding size -> logits through the (tied) embedding matrix."""
+    """Embedding -> LSTM -> projection to the embedding size -> logits through the (tied) embedding matrix.
+
+    ``rnn_input``: ``auto`` runs the LSTM as one ``torch.lstm`` call (cuDNN on GPU); ``persistent`` on the
+    persistent kernels of :mod:`sentiment.persistent` where they can run (else ``auto``, with a warning)."""
 
     def __init__(
         self,
@@ -32,8 +36,12 @@ class LSTMLanguageModel(
         pad_id: int = 1,
         weight_dropout: float = 0.0,
         reverse: bool = False,
+        rnn_input: str = "auto",
     ) -> None:
         super().__init__()
+        if rnn_input not in ("auto", "persistent"):
+            raise ValueError(f"a language model's rnn_input is auto or persistent (got {rnn_input!r})")
+        self.rnn_input = rnn_input
         self.pad_id = pad_id
         self.reverse = reverse  # trained on the text read backwards (token_streams); init_from checks it
         self.weight_dropout = weight_dropout
@@ -60,12 +68,33 @@ class LSTMLanguageModel(
             F.dropout(weight, drop, True) if drop > 0 and name.startswith("weight_hh") else weight
             for name, weight in lstm.named_parameters()
         ]
-        outputs, *new_state = lstm_layers(
-            embedded, state, weights, train=self.training, num_layers=lstm.num_layers, dropout=lstm.dropout
-        )
-        state = tuple(new_state)
+        if self.rnn_input == "persistent" and runs_here(self, lstm.hidden_size, embedded.device):
+            outputs, state = self._persistent_layers(embedded, state, weights)
+        else:
+            outputs, *new_state = lstm_layers(
+                embedded, state, weights, train=self.training, num_layers=lstm.num_layers, dropout=lstm.dropout
+            )
+            state = tuple(new_state)
         features = self.dropout(self.projection(outputs))
         return F.linear(features, self.embedding.weight, self.decoder_bias), state
+
+    def _persistent_layers(
+        self, embedded: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor], weights: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """What ``lstm_layers`` returns, layer by layer on the persistent kernels (every row runs all steps)."""
+        batch, steps, _ = embedded.shape
+        lengths = torch.full((batch,), steps, device=embedded.device, dtype=torch.int32)
+        layer_input, finals = embedded, []
+        for layer in range(self.lstm.num_layers):
+            if layer > 0 and self.lstm.dropout > 0:
+                layer_input = F.dropout(layer_input, self.lstm.dropout, self.training)
+            w_ih, w_hh, b_ih, b_hh = weights[4 * layer : 4 * layer + 4]
+            gx = F.linear(layer_input, w_ih, b_ih + b_hh).view(batch, steps, 1, -1)
+            layer_state = (state[0][layer : layer + 1], state[1][layer : layer + 1])
+            outputs, final = persistent_lstm(gx, w_hh.unsqueeze(0), lengths, layer_state)
+            layer_input = outputs.view(batch, steps, -1)
+            finals.append(final)
+        return layer_input, (torch.cat([h for h, _ in finals]), torch.cat([c for _, c in finals]))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> LSTMLanguageModel:

@@ -14,7 +14,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from sentiment.persistent import persistent_lstm, persistent_support
+from sentiment.persistent import persistent_lstm, runs_here
 
 RNN_INPUTS = ("auto", "packed", "padded", "fused", "persistent")
 POOLINGS = ("last", "max", "mean", "concat")
@@ -232,7 +232,9 @@ class LSTMClassifier(
                 f"truncate_bptt needs rnn_input auto, padded or fused (rnn_input {path} runs each review in one call)"
             )
         if path == "persistent":
-            path = self._persistent_or_fallback(embedded.device, truncating)
+            why_not = "truncate_bptt chunks the recurrence, which the kernel runs whole" if truncating else None
+            if not runs_here(self, self.lstm.hidden_size, embedded.device, why_not):
+                path = "fused" if embedded.is_cuda else "padded"
         if truncating and path == "fused" and self.lstm.bidirectional:
             path = "padded"  # one fused call cannot chunk both directions (they run in opposite orders)
         if path == "packed":
@@ -345,22 +347,6 @@ class LSTMClassifier(
         if bidirectional:
             final = torch.cat([final, layer_input[:, 0, hidden_size:]], dim=-1)
         return layer_input, final
-
-    def _persistent_or_fallback(self, device: torch.device, truncating: bool) -> str:
-        """``persistent`` where its kernels can run this LSTM, else ``auto``'s path, with one warning."""
-        reason = persistent_support(self.lstm.hidden_size, device)
-        if truncating:
-            reason = "truncate_bptt chunks the recurrence, which the persistent kernel runs whole"
-        if reason is None:
-            return "persistent"
-        if not getattr(self, "_warned_fallback", False):
-            warnings.warn(
-                f"rnn_input persistent: {reason}; using the {'fused' if device.type == 'cuda' else 'padded'} "
-                "path, which computes the same function",
-                stacklevel=3,
-            )
-            self._warned_fallback = True
-        return "fused" if device.type == "cuda" else "padded"
 
     def _persistent_final(self, embedded: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, steps, _ = embedded.shape

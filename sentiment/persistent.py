@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+import warnings
 
 import torch
 
@@ -291,6 +292,20 @@ def persistent_support(hidden: int, device: torch.device) -> str | None:
         f"hidden_dim {hidden}: W_hh does not fit one block's {limit // 1024} KiB of shared memory even in "
         "bfloat16 (the persistent LSTM takes an even hidden_dim up to ~158 on H100/H200)"
     )
+
+
+def runs_here(module: torch.nn.Module, hidden: int, device: torch.device, why_not: str | None = None) -> bool:
+    """Whether the persistent kernels run ``module``'s LSTM of ``hidden`` units on ``device``. If not (the
+    device, the size, or the caller's own ``why_not``), warn once per module that its usual path runs instead."""
+    reason = why_not or persistent_support(hidden, device)
+    if reason is None:
+        return True
+    if not getattr(module, "_warned_persistent_fallback", False):
+        warnings.warn(
+            f"rnn_input persistent: {reason}; using the usual path, which computes the same function", stacklevel=3
+        )
+        module._warned_persistent_fallback = True
+    return False
 
 
 def _compile(source: str, names: tuple[str, ...], device: torch.device) -> dict:

@@ -133,6 +133,7 @@ def _pretrain(accelerator: Accelerator, cfg: TrainConfig) -> dict[str, Any]:
         pad_id=data.info["pad_id"],
         weight_dropout=cfg.weight_dropout,
         reverse=cfg.reverse,
+        rnn_input="persistent" if cfg.rnn_input == "persistent" else "auto",  # the others are review paths
     )
     if embeddings is not None:
         with torch.no_grad():

@@ -27,11 +27,11 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from sentiment import model as model_module
 from sentiment import persistent
 from sentiment.batching import PadCollator, bucket_length
 from sentiment.config import build_config
 from sentiment.graphs import GraphedTrainStep, train_step
+from sentiment.lm import LSTMLanguageModel
 from sentiment.model import LSTMClassifier
 from sentiment.persistent import persistent_lstm, persistent_support
 
@@ -221,6 +221,14 @@ def cpu_kernels(build_dir: Path) -> Callable:
     return kernels
 
 
+def kernels_on_cpu_threads(monkeypatch: pytest.MonkeyPatch, build_dir: Path, reviews: int, fp32: bool) -> None:
+    """Route the persistent path to the CPU build of its kernels, with this plan (reviews per block, weights)."""
+    monkeypatch.setattr(persistent, "_kernels", cpu_kernels(build_dir))
+    monkeypatch.setattr(persistent, "_index", lambda device: 0)
+    monkeypatch.setattr(persistent, "_plan", lambda batch, directions, hidden, device: (reviews, fp32))
+    monkeypatch.setattr(persistent, "persistent_support", lambda hidden, device: None)
+
+
 def compiles_cxx20() -> bool:
     if shutil.which("g++") is None:
         return False
@@ -242,11 +250,7 @@ def test_kernel_source_on_cpu_threads(
     """The CUDA source's forward and backward, run on CPU threads through the real autograd function, equal the
     padded path (its W_hh rounded to bfloat16 where the kernel holds bfloat16): logits in training and evaluation,
     and every gradient."""
-    monkeypatch.setattr(persistent, "_kernels", cpu_kernels(tmp_path))
-    monkeypatch.setattr(persistent, "_index", lambda device: 0)
-    monkeypatch.setattr(persistent, "_plan", lambda batch, directions, hidden, device: (reviews, fp32))
-    monkeypatch.setattr(model_module, "persistent_support", lambda hidden, device: None)
-    monkeypatch.setattr(persistent, "persistent_support", lambda hidden, device: None)
+    kernels_on_cpu_threads(monkeypatch, tmp_path, reviews, fp32)
     torch.manual_seed(0)
     padded = LSTMClassifier(50, 5, hidden, layers, bidirectional, dropout=0.0, rnn_input="padded").train()
     if not fp32:
@@ -271,3 +275,29 @@ def test_kernel_source_on_cpu_threads(
     padded.eval()
     with torch.inference_mode():
         close("evaluation logits", kernel(ids, lengths), padded(ids, lengths).double(), 1e-5)
+
+
+@pytest.mark.skipif(not compiles_cxx20(), reason="needs g++ with C++20 (std::barrier)")
+def test_language_model_on_kernel_source_equals_torch_lstm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The language model on the persistent kernels (CPU build) gives torch.lstm's logits, carried state and
+    gradients, from a given state, two layers."""
+    kernels_on_cpu_threads(monkeypatch, tmp_path, reviews=2, fp32=True)
+    torch.manual_seed(0)
+    usual = LSTMLanguageModel(40, 6, 7, n_layers=2, dropout=0.0).train()
+    kernel = LSTMLanguageModel(40, 6, 7, n_layers=2, dropout=0.0, rnn_input="persistent").train()
+    kernel.load_state_dict(usual.state_dict())
+    ids = torch.randint(0, 40, (3, 9))
+    state = (0.3 * torch.randn(2, 3, 7), 0.3 * torch.randn(2, 3, 7))
+    results = {}
+    for name, model in (("usual", usual), ("kernel", kernel)):
+        inputs = tuple(s.clone().requires_grad_() for s in state)
+        logits, (h, c) = model(ids, inputs)
+        (logits.sin().sum() + h.sum() + 2 * c.sum()).backward()
+        results[name] = (logits, h, c, *[s.grad for s in inputs])
+    names = ("logits", "h", "c", "grad h0", "grad c0")
+    for what, mine, theirs in zip(names, results["kernel"], results["usual"], strict=True):
+        close(what, mine.detach(), theirs.detach().double(), 1e-5)
+    for (name, mine), theirs in zip(kernel.named_parameters(), usual.parameters(), strict=True):
+        close(f"grad {name}", mine.grad, theirs.grad.double(), 1e-5)
+    with pytest.raises(ValueError, match="auto or persistent"):
+        LSTMLanguageModel(40, 6, 7, rnn_input="fused")
