@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from sentiment import persistent
 from sentiment.model import lstm_layers
 from sentiment.persistent import persistent_lstm
 
@@ -69,7 +70,34 @@ def measure(batch: int, steps: int, directions: int, hidden: int, features: int)
         row[f"{name} peak reserved GiB"] = torch.cuda.max_memory_reserved() / 2**30
         row[f"{name} us/step (fwd+bwd)"] = 1000 * row[f"{name} forward+backward ms"] / steps
     row["speed-up (fwd+bwd)"] = row["cuDNN forward+backward ms"] / row["persistent forward+backward ms"]
+    row.update(kernels_alone(batch, steps, directions, hidden))
     return row
+
+
+def kernels_alone(batch: int, steps: int, directions: int, hidden: int) -> dict[str, float]:
+    """Microseconds per step of the forward and the backward kernel by themselves, on buffers made beforehand
+    (what the recurrence costs without PyTorch's matrix products, allocations and launch overhead around it)."""
+    device = torch.device("cuda")
+    reviews, fp32 = persistent._plan(batch, directions, hidden, device)
+    forward, backward, threads, shared = persistent._kernels(hidden, reviews, fp32, torch.cuda.current_device())
+    gx = torch.randn(batch, steps, directions, 4 * hidden, device=device)
+    words = persistent._weight_words(0.1 * torch.randn(directions, 4 * hidden, hidden, device=device), fp32)
+    lengths = torch.full((batch,), steps, device=device, dtype=torch.int32)
+    zeros = torch.zeros(directions, batch, hidden, device=device)
+    out = torch.zeros(batch, steps, directions, hidden, device=device)
+    gates, grad_gates = torch.empty_like(gx), torch.zeros_like(gx)
+    cells, grad_out = torch.empty_like(out), torch.randn_like(out)
+    h_n, c_n, grad_h0, grad_c0 = (torch.empty_like(zeros) for _ in range(4))
+    launch = {"grid": (-(-batch // reviews), directions, 1), "block": (threads, 1, 1), "shared_mem": shared}
+    forward_args = [gx, words, lengths, zeros, zeros, out, gates, cells, h_n, c_n, batch, steps, directions, 1]
+    backward_args = [grad_out, zeros, zeros, words, lengths, gates, cells, zeros, grad_gates, grad_h0, grad_c0,
+                     batch, steps, directions]  # fmt: skip
+    return {
+        "reviews per block": reviews,
+        "float32 W_hh": int(fp32),
+        "forward kernel us/step": 1000 * timed(lambda: forward(args=forward_args, **launch)) / steps,
+        "backward kernel us/step": 1000 * timed(lambda: backward(args=backward_args, **launch)) / steps,
+    }
 
 
 def main() -> None:
