@@ -55,6 +55,17 @@ __device__ __forceinline__ void load_weights(unsigned int* w, const unsigned int
   }
 }
 
+// The lengths of the block's reviews (0 past the batch's end); returns the longest, the block's number of steps.
+__device__ __forceinline__ int block_lengths(const int* lengths, int first, int B, int* len) {
+  int steps = 0;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    len[r] = first + r < B ? lengths[first + r] : 0;
+    steps = max(steps, len[r]);
+  }
+  return steps;
+}
+
 // Position of step s of review r: forwards from 0, or backwards from its last token.
 __device__ __forceinline__ int position(int direction, int length, int s) {
   return direction == 0 ? s : length - 1 - s;
@@ -72,12 +83,7 @@ extern "C" __global__ void __launch_bounds__(NT) lstm_forward(
   const int d = blockIdx.y, first = blockIdx.x * R, tid = threadIdx.x;
   load_weights(w, w_hh + (size_t)d * G * ROW_WORDS);
   int len[R];
-  int steps = 0;
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    len[r] = first + r < B ? lengths[first + r] : 0;
-    steps = max(steps, len[r]);
-  }
+  const int steps = block_lengths(lengths, first, B, len);
   // Cell threads: one per (review, hidden unit); c lives in a register for the whole sequence.
   const bool cell_thread = tid < R * H;
   const int cr = tid / H, ck = tid - (tid / H) * H, cb = first + cr;
@@ -171,12 +177,7 @@ extern "C" __global__ void __launch_bounds__(NT) lstm_backward(
   const int d = blockIdx.y, first = blockIdx.x * R, tid = threadIdx.x;
   load_weights(w, w_hh + (size_t)d * G * ROW_WORDS);
   int len[R];
-  int steps = 0;
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    len[r] = first + r < B ? lengths[first + r] : 0;
-    steps = max(steps, len[r]);
-  }
+  const int steps = block_lengths(lengths, first, B, len);
   const bool cell_thread = tid < R * H;
   const int cr = tid / H, ck = tid - (tid / H) * H, cb = first + cr;
   const int cell_len = cell_thread && cb < B ? lengths[cb] : 0;
