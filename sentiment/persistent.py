@@ -35,6 +35,8 @@ import torch
 _SOURCE = r"""
 #define G (4 * H)
 #define ROW_WORDS (WFP32 ? H : H / 2)
+#define HALF ((H + 1) / 2)  // the backward's W_hh^T product: each gate's rows in two halves, columns in pairs
+#define PARTS 8
 
 __device__ __forceinline__ float sigmoid_(float x) { return 1.f / (1.f + __expf(-x)); }
 
@@ -173,7 +175,7 @@ extern "C" __global__ void __launch_bounds__(NT) lstm_backward(
   extern __shared__ unsigned int shared[];
   unsigned int* w = shared;
   float* dg = (float*)(shared + G * S);  // R x G: this step's gate gradients (before the activations)
-  float* part = dg + R * G;              // 4 x R x H: W_hh^T dg, one part per gate
+  float* part = dg + R * G;              // PARTS x R x H: W_hh^T dg, one part per half gate
   const int d = blockIdx.y, first = blockIdx.x * R, tid = threadIdx.x;
   load_weights(w, w_hh + (size_t)d * G * ROW_WORDS);
   int len[R];
@@ -226,24 +228,41 @@ extern "C" __global__ void __launch_bounds__(NT) lstm_backward(
       }
     }
     __syncthreads();
-    if (tid < G) {  // thread (p, k): the rows of gate p, column k of W_hh
-      const int p = tid / H, k = tid - (tid / H) * H;
-      float acc[R];
+    if (tid < PARTS * HALF) {  // thread (q, kp): half q % 2 of gate q / 2's rows, columns 2 kp and 2 kp + 1
+      const int q = tid / HALF, kp = tid - (tid / HALF) * HALF, k = 2 * kp;
+      const int first_row = (q >> 1) * H + (q & 1) * HALF, rows = (q & 1) ? H - HALF : HALF;
+      float acc0[R], acc1[R];
 #pragma unroll
-      for (int r = 0; r < R; ++r) acc[r] = 0.f;
+      for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = 0.f;
 #pragma unroll 5
-      for (int m = 0; m < H; ++m) {
-        float wv = weight_at(w, p * H + m, k);
+      for (int m = 0; m < rows; ++m) {
+        const int row = first_row + m;
+#if WFP32
+        float w0 = weight_at(w, row, k), w1 = k + 1 < H ? weight_at(w, row, k + 1) : 0.f;
+#else
+        unsigned int pair = w[row * S + kp];  // both columns' bfloat16 in one word
+        float w0 = __uint_as_float(pair << 16), w1 = __uint_as_float(pair & 0xffff0000u);
+#endif
 #pragma unroll
-        for (int r = 0; r < R; ++r) acc[r] = fmaf(wv, dg[r * G + p * H + m], acc[r]);
+        for (int r = 0; r < R; ++r) {
+          float g = dg[r * G + row];
+          acc0[r] = fmaf(w0, g, acc0[r]);
+          acc1[r] = fmaf(w1, g, acc1[r]);
+        }
       }
 #pragma unroll
-      for (int r = 0; r < R; ++r) part[(p * R + r) * H + k] = acc[r];
+      for (int r = 0; r < R; ++r) {
+        part[(q * R + r) * H + k] = acc0[r];
+        if (k + 1 < H) part[(q * R + r) * H + k + 1] = acc1[r];
+      }
     }
     __syncthreads();
-    if (s < cell_len)
-      dh_next = part[cr * H + ck] + part[(R + cr) * H + ck] + part[(2 * R + cr) * H + ck]
-          + part[(3 * R + cr) * H + ck];
+    if (s < cell_len) {
+      float sum = 0.f;
+#pragma unroll
+      for (int q = 0; q < PARTS; ++q) sum += part[(q * R + cr) * H + ck];
+      dh_next = sum;
+    }
   }
   if (cell_thread && cb < B) {
     grad_h0[((size_t)d * B + cb) * H + ck] = dh_next;
@@ -262,8 +281,9 @@ def _row_words(hidden: int, fp32: bool) -> int:
 
 
 def _shared_bytes(hidden: int, fp32: bool, reviews: int) -> int:
-    """Shared memory of the larger of the two kernels: weights, then the backward's gate gradients and parts."""
-    return 4 * (4 * hidden * _row_words(hidden, fp32) + reviews * 4 * hidden + 4 * reviews * hidden)
+    """Shared memory of the larger of the two kernels: weights, then the backward's gate gradients and its 8
+    parts of W_hh^T times them."""
+    return 4 * (4 * hidden * _row_words(hidden, fp32) + reviews * 4 * hidden + 8 * reviews * hidden)
 
 
 def _shared_limit(device: torch.device) -> int:
@@ -366,16 +386,17 @@ def _plan(batch: int, directions: int, hidden: int, device: torch.device) -> tup
     float32 weights where they fit. The first call for a hidden size compiles the kernels of every plan, so that
     none compiles while a CUDA graph is being captured (a batch split into smaller groups changes the plan)."""
     index = _index(device)
+
+    def fits(reviews: int) -> bool:  # bfloat16 pairs need an even hidden size
+        bf16 = hidden % 2 == 0 and _shared_bytes(hidden, False, reviews) <= _shared_limit(device)
+        return _weights_fp32(hidden, reviews, device) or bf16
+
     for reviews in range(1, MAX_REVIEWS_PER_BLOCK + 1):
-        if _weights_fp32(hidden, reviews, device) or _shared_bytes(hidden, False, reviews) <= _shared_limit(device):
+        if fits(reviews):
             _kernels(hidden, reviews, _weights_fp32(hidden, reviews, device), index)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     reviews = max(1, min(MAX_REVIEWS_PER_BLOCK, math.ceil(batch * directions / sms)))
-    while (
-        reviews > 1
-        and not _weights_fp32(hidden, reviews, device)
-        and _shared_bytes(hidden, False, reviews) > (_shared_limit(device))
-    ):
+    while reviews > 1 and not fits(reviews):
         reviews -= 1
     return reviews, _weights_fp32(hidden, reviews, device)
 

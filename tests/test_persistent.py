@@ -301,3 +301,20 @@ def test_language_model_on_kernel_source_equals_torch_lstm(tmp_path: Path, monke
         close(f"grad {name}", mine.grad, theirs.grad.double(), 1e-5)
     with pytest.raises(ValueError, match="auto or persistent"):
         LSTMLanguageModel(40, 6, 7, rnn_input="fused")
+
+
+def test_plan_fills_the_gpu_within_shared_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reviews per block fill one wave of blocks over the SMs (at most 4); W_hh is float32 where it fits, else
+    bfloat16 (even sizes only: an odd size takes fewer reviews per block); every plan compiles up front."""
+    properties = type("Properties", (), {"multi_processor_count": 132, "shared_memory_per_block_optin": 232448})
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: properties)
+    compiled = []
+    monkeypatch.setattr(persistent, "_kernels", lambda *plan: compiled.append(plan))
+    monkeypatch.setattr(persistent, "_index", lambda device: 0)
+    gpu = torch.device("cuda", 0)
+    assert persistent._plan(64, 1, 75, gpu) == (1, True)  # lstm.yaml: 64 blocks, float32
+    assert persistent._plan(256, 1, 75, gpu) == (2, True)  # its evaluation batches
+    assert persistent._plan(128, 2, 150, gpu) == (2, False)  # bilstm.yaml: 128 blocks, bfloat16
+    assert persistent._plan(1024, 2, 150, gpu) == (4, False)
+    assert persistent._plan(1024, 1, 115, gpu) == (3, True)  # 4 reviews of float32 do not fit; odd: no bfloat16
+    assert {(hidden, reviews) for hidden, reviews, _, _ in compiled} >= {(75, r) for r in range(1, 5)}
