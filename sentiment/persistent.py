@@ -73,7 +73,7 @@ __device__ __forceinline__ int position(int direction, int length, int s) {
   return direction == 0 ? s : length - 1 - s;
 }
 
-extern "C" __global__ void __launch_bounds__(NT) lstm_forward(
+extern "C" __global__ void __launch_bounds__(NT, 1) lstm_forward(
     const float* __restrict__ gx, const unsigned int* __restrict__ w_hh, const int* __restrict__ lengths,
     const float* __restrict__ h0, const float* __restrict__ c0, float* __restrict__ out,
     float* __restrict__ gates, float* __restrict__ cells, float* __restrict__ h_n, float* __restrict__ c_n,
@@ -167,7 +167,7 @@ extern "C" __global__ void __launch_bounds__(NT) lstm_forward(
   }
 }
 
-extern "C" __global__ void __launch_bounds__(NT) lstm_backward(
+extern "C" __global__ void __launch_bounds__(NT, 1) lstm_backward(
     const float* __restrict__ grad_out, const float* __restrict__ grad_h_n, const float* __restrict__ grad_c_n,
     const unsigned int* __restrict__ w_hh, const int* __restrict__ lengths, const float* __restrict__ gates,
     const float* __restrict__ cells, const float* __restrict__ c0, float* __restrict__ grad_gates,

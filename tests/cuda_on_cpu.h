@@ -18,7 +18,7 @@ unsigned int shared[64 * 1024];
 #define __device__
 #define __forceinline__ inline
 #define __restrict__
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 #define __shared__
 #define __syncthreads() block_barrier->arrive_and_wait()
 inline float __expf(float x) { return expf(x); }
