@@ -53,6 +53,7 @@ PATHS = {  # the trainer's execution paths: config flags ("default": what the co
     "default": {},
     "whole batches": {"max_step_tokens": None},  # no batch split into groups of rows: more memory
     "groups of 64k tokens": {"max_step_tokens": 65536},  # half the default group: less memory
+    "evaluation in 64k pieces": {"max_eval_tokens": 65536},  # less memory beside the graphs' pool
     "fused+graphs": {"rnn_input": "fused"},
     "fused": {"rnn_input": "fused", "cuda_graphs": False},
     "padded+graphs": {"rnn_input": "padded"},

@@ -118,6 +118,9 @@ class TrainConfig:
     max_step_tokens: int | None = _key(
         131072, "training", "most tokens (rows x length) per forward/backward, else groups of rows; null: any"
     )
+    # Evaluation on a GPU runs beside the training graphs' memory pool, in pieces: by default as large as a training
+    # group. Smaller pieces lower the peak (about 21 KB per token for the BiLSTM config on an H100) and take longer.
+    max_eval_tokens: int | None = _key(None, "training", "most tokens per evaluation forward; null: as training groups")
     # None: the launcher's choice (`accelerate launch --mixed_precision bf16` sets ACCELERATE_MIXED_PRECISION),
     # else "no"; TrainConfig.resolve_mixed_precision() makes it concrete when a run starts (config.yaml says what ran).
     mixed_precision: Literal["no", "fp16", "bf16"] | None = _key(
@@ -203,6 +206,7 @@ RESUME_MAY_CHANGE: dict[str, str] = _each_key(
         "goes on when the new patience allows it",
         ("save_steps",): "only how often the state is saved",
         ("max_step_tokens",): "only how much memory a step takes: the same update, in groups of rows",
+        ("max_eval_tokens",): "only how much memory an evaluation forward takes: the same logits, in pieces",
         ("eval_batch_size",): "only how many reviews are evaluated at once",
         ("num_proc",): "only how many processes tokenize",
         ("bptt",): "the language model's window, which classifier training does not read",
@@ -304,6 +308,10 @@ def _range_problems(cfg: TrainConfig) -> list[str | None]:
         check(
             cfg.max_step_tokens is None or cfg.max_step_tokens >= 1,
             f"max_step_tokens must be >= 1, or null for no limit (got {cfg.max_step_tokens})",
+        ),
+        check(
+            cfg.max_eval_tokens is None or cfg.max_eval_tokens >= 1,
+            f"max_eval_tokens must be >= 1, or null for training groups' size (got {cfg.max_eval_tokens})",
         ),
         check(not (cfg.resume and cfg.overwrite), "resume and overwrite exclude each other: pick one"),
         check(

@@ -177,11 +177,13 @@ def plan_steps(
     max_grad_norm: float | None,
     pad_id: int,
     max_step_tokens: int | None = None,
+    max_eval_tokens: int | None = None,
 ) -> StepPlan:
     """Choose how training steps run on the model's GPU (see the module's docstring): ``train_shapes`` are every
     (rows, length) of the run's training batches, ``eval_shape`` the largest evaluation batch; ``graphs`` whether
     CUDA graphs may be used (``optimizer`` then built ``capturable``); ``max_step_tokens`` the most tokens one
-    forward/backward may take in any mode (larger batches run in groups of rows). Raises
+    forward/backward may take in any mode (larger batches run in groups of rows); ``max_eval_tokens`` the most an
+    evaluation forward may take (None: as much as a training group). Raises
     :class:`MemoryPlanError` if not one review of the longest batch fits."""
     device = next(model.parameters()).device
     largest = max(train_shapes, key=lambda shape: (tokens(shape), shape))
@@ -194,7 +196,8 @@ def plan_steps(
         graph_step = GraphedTrainStep(model, optimizer, max_grad_norm, graph_tokens)
         try:
             graph_step.capture(train_shapes)
-            eval_tokens = _eval_tokens(model, eval_shape, graph_tokens or tokens(largest), pad_id, device)
+            eval_budget = min(graph_tokens or tokens(largest), max_eval_tokens or tokens(eval_shape))
+            eval_tokens = _eval_tokens(model, eval_shape, eval_budget, pad_id, device)
         except RuntimeError as err:  # out of memory, or a capture that failed after it
             logger.info("CUDA graphs do not fit: %s", str(err).splitlines()[0][:200])
             eval_tokens = 0
@@ -209,7 +212,8 @@ def plan_steps(
     while chunk_rows >= 1:
         chunk_tokens = None if chunk_rows == rows else chunk_rows * steps
         if _step_fits(model, optimizer, largest, pad_id, device, max_grad_norm, chunk_tokens):
-            eval_tokens = _eval_tokens(model, eval_shape, chunk_rows * steps, pad_id, device)
+            eval_budget = min(chunk_rows * steps, max_eval_tokens or tokens(eval_shape))
+            eval_tokens = _eval_tokens(model, eval_shape, eval_budget, pad_id, device)
             if eval_tokens:
                 mode = "eager" if chunk_rows == allowed_rows else "eager, split"
                 return StepPlan(mode, chunk_tokens, eval_tokens, torch.cuda.memory_reserved(device) / GiB)

@@ -243,6 +243,7 @@ def _plan_memory(
     plan = plan_steps(
         accelerator.unwrap_model(model), optimizer.optimizer, shapes, eval_shape, graphs=use_graphs,
         max_grad_norm=cfg.max_grad_norm, pad_id=data.info["pad_id"], max_step_tokens=cfg.max_step_tokens,
+        max_eval_tokens=cfg.max_eval_tokens,
     )  # fmt: skip
     plan.seconds = time.perf_counter() - started
     if accelerator.is_main_process:
@@ -351,7 +352,7 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
         if stopping:
             raise TrainingStopped(output_dir, state["epoch"], steps_done)
 
-    eval_tokens = plan.eval_tokens if plan is not None else None
+    eval_tokens = plan.eval_tokens if plan is not None else cfg.max_eval_tokens
     chunk_tokens = plan.chunk_tokens if plan is not None else cfg.max_step_tokens
     with stop:  # SIGINT/SIGTERM: save after the current step and stop (checked after each step)
         last_epoch = state["epoch"] if state.get("stopped_early") else cfg.epochs  # stopped early: nothing left

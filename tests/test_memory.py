@@ -215,18 +215,18 @@ def test_a_memory_budget_too_small_for_graphs_falls_back_and_nothing_fitting_sto
 
 def test_max_step_tokens_trains_the_same_model_in_smaller_pieces(hub_imdb, tmp_path, monkeypatch) -> None:
     """A run whose batches go through the model in groups of at most 40 tokens (``max_step_tokens``) ends with the
-    same figures and weights as one that takes them whole (no dropout: the same update, up to rounding)."""
+    same figures and weights as one that takes them whole (no dropout: the same update, up to rounding); one whose
+    evaluation forwards take at most 40 tokens (``max_eval_tokens``) evaluates to the same figures."""
     from safetensors.torch import load_file
 
     from sentiment.config import build_config
     from sentiment.training import train
 
-    training_forwards: list[list[tuple[int, int]]] = []  # per run, the (rows, length) of each training forward
+    forwards: list[dict[bool, list[tuple[int, int]]]] = []  # per run, the (rows, length) of each forward, by mode
     forward = LSTMClassifier.forward
 
     def recording(self: LSTMClassifier, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            training_forwards[-1].append(tuple(input_ids.shape))
+        forwards[-1][self.training].append(tuple(input_ids.shape))
         return forward(self, input_ids, lengths)
 
     monkeypatch.setattr(LSTMClassifier, "forward", recording)
@@ -234,19 +234,26 @@ def test_max_step_tokens_trains_the_same_model_in_smaller_pieces(hub_imdb, tmp_p
     options = {"dataset": str(hub_imdb), "num_proc": 1, "epochs": 1, "batch_size": 8, "hidden_dim": 8,
                "bidirectional": True, "dropout": 0.0, "report_to": "none"}  # fmt: skip
     runs = {}
-    for cap in (None, 40):
-        training_forwards.append([])
-        folder = tmp_path / f"cap-{cap}"
-        metrics = train(build_config(None, {**options, "max_step_tokens": cap, "output_dir": str(folder)}))
-        runs[cap] = (metrics, load_file(folder / "best" / "model.safetensors"))
-    assert max(rows * steps for rows, steps in training_forwards[0]) > 40
-    assert all(rows * steps <= 40 or rows == 1 for rows, steps in training_forwards[1])  # one review: the least
-    assert len(training_forwards[1]) > len(training_forwards[0])
-    (whole, whole_weights), (pieces, piece_weights) = runs[None], runs[40]
+    for name, caps in {"whole": {}, "steps": {"max_step_tokens": 40}, "evaluation": {"max_eval_tokens": 40}}.items():
+        forwards.append({True: [], False: []})
+        folder = tmp_path / name
+        metrics = train(build_config(None, {**options, "max_step_tokens": None, **caps, "output_dir": str(folder)}))
+        runs[name] = (metrics, load_file(folder / "best" / "model.safetensors"))
+    whole_forwards, step_forwards, eval_forwards = forwards
+    assert max(rows * steps for rows, steps in whole_forwards[True]) > 40
+    assert all(rows * steps <= 40 or rows == 1 for rows, steps in step_forwards[True])  # one review: the least
+    assert len(step_forwards[True]) > len(whole_forwards[True])
+    assert max(rows * steps for rows, steps in whole_forwards[False]) > 40
+    assert all(rows * steps <= 40 or rows == 1 for rows, steps in eval_forwards[False])
+    assert eval_forwards[True] == whole_forwards[True]
+    (whole, whole_weights), (pieces, piece_weights) = runs["whole"], runs["steps"]
     assert pieces["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-5)
     assert pieces["test_loss"] == pytest.approx(whole["test_loss"], rel=1e-4)
     for name, tensor in whole_weights.items():
         torch.testing.assert_close(piece_weights[name], tensor, rtol=1e-4, atol=1e-5)
+    evaluated = runs["evaluation"][0]
+    for key in ("test_loss", "test_acc", "valid_loss", "valid_acc"):
+        assert evaluated[key] == pytest.approx(whole[key], rel=1e-5), key
 
 
 def test_out_of_memory_is_told_apart_from_other_errors() -> None:
