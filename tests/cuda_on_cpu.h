@@ -21,7 +21,6 @@ unsigned int shared[64 * 1024];
 #define __launch_bounds__(...)
 #define __shared__
 #define __syncthreads() block_barrier->arrive_and_wait()
-inline float __expf(float x) { return expf(x); }
 inline float __uint_as_float(unsigned int u) { float f; memcpy(&f, &u, 4); return f; }
 struct float2 { float x, y; };
 
