@@ -76,10 +76,11 @@ def measure(batch: int, steps: int, directions: int, hidden: int, features: int)
 
 def kernels_alone(batch: int, steps: int, directions: int, hidden: int) -> dict[str, float]:
     """Microseconds per step of the forward and the backward kernel by themselves, on buffers made beforehand
-    (what the recurrence costs without PyTorch's matrix products, allocations and launch overhead around it)."""
+    (what the recurrence costs without PyTorch's matrix products, allocations and launch overhead around it): with
+    the plan's reviews per block, then with 1, 2 and 4 whatever the plan. A time per step that grows with the
+    reviews per block says the block's arithmetic bounds a step; a flat one, its latency."""
     device = torch.device("cuda")
-    reviews, fp32 = persistent._plan(batch, directions, hidden, device)
-    forward, backward, threads, shared = persistent._kernels(hidden, reviews, fp32, torch.cuda.current_device())
+    planned, fp32 = persistent._plan(batch, directions, hidden, device)
     gx = torch.randn(batch, steps, directions, 4 * hidden, device=device)
     words = persistent._weight_words(0.1 * torch.randn(directions, 4 * hidden, hidden, device=device), fp32)
     lengths = torch.full((batch,), steps, device=device, dtype=torch.int32)
@@ -88,16 +89,19 @@ def kernels_alone(batch: int, steps: int, directions: int, hidden: int) -> dict[
     gates, grad_gates = torch.empty_like(gx), torch.zeros_like(gx)
     cells, grad_out = torch.empty_like(out), torch.randn_like(out)
     h_n, c_n, grad_h0, grad_c0 = (torch.empty_like(zeros) for _ in range(4))
-    launch = {"grid": (-(-batch // reviews), directions, 1), "block": (threads, 1, 1), "shared_mem": shared}
     forward_args = [gx, words, lengths, zeros, zeros, out, gates, cells, h_n, c_n, batch, steps, directions, 1]
     backward_args = [grad_out, zeros, zeros, words, lengths, gates, cells, zeros, grad_gates, grad_h0, grad_c0,
                      batch, steps, directions]  # fmt: skip
-    return {
-        "reviews per block": reviews,
-        "float32 W_hh": int(fp32),
-        "forward kernel us/step": 1000 * timed(lambda: forward(args=forward_args, **launch)) / steps,
-        "backward kernel us/step": 1000 * timed(lambda: backward(args=backward_args, **launch)) / steps,
-    }
+    row: dict[str, float] = {"planned reviews per block": planned, "float32 W_hh": int(fp32)}
+    for reviews in sorted({planned, 1, 2, 4}):
+        if persistent._shared_bytes(hidden, fp32, reviews) > persistent._shared_limit(device):
+            continue
+        forward, backward, threads, shared = persistent._kernels(hidden, reviews, fp32, torch.cuda.current_device())
+        launch = {"grid": (-(-batch // reviews), directions, 1), "block": (threads, 1, 1), "shared_mem": shared}
+        for name, kernel, args in (("forward", forward, forward_args), ("backward", backward, backward_args)):
+            milliseconds = timed(lambda kernel=kernel, args=args, launch=launch: kernel(args=args, **launch))
+            row[f"{name} kernel us/step, {reviews} per block"] = 1000 * milliseconds / steps
+    return row
 
 
 def main() -> None:
@@ -108,9 +112,10 @@ def main() -> None:
     rows = {name: measure(*shape) for name, shape in SHAPES.items()}
     device = torch.cuda.get_device_name()
     lines = [f"# Persistent LSTM kernel against cuDNN: {device}, torch {torch.__version__}", ""]
-    columns = list(next(iter(rows.values())))
+    columns = list(dict.fromkeys(key for row in rows.values() for key in row))
     lines += ["| shape | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(f"{row[c]:.3g}" for c in columns) + " |" for name, row in rows.items()]
+    for name, row in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[c]:.3g}" if c in row else "" for c in columns) + " |")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text("\n".join(lines) + "\n")
     args.output.with_suffix(".json").write_text(json.dumps({"device": device, "rows": rows}, indent=1))
