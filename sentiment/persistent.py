@@ -29,12 +29,14 @@ import warnings
 
 import torch
 
-# The source takes H (hidden size), S (32-bit words per weight row in shared memory: odd, so that 32 threads
-# reading 32 rows hit 32 banks), R (reviews per block), WFP32 (1: float32 weights, 0: bfloat16 pairs) and NT
-# (threads per block) as defines.
+# The source takes H (hidden size), S (32-bit words from one weight row to the next in shared memory, see
+# _row_words), R (reviews per block), WFP32 (1: float32 weights, 0: bfloat16 pairs) and NT (threads per block) as
+# defines.
 _SOURCE = r"""
 #define G (4 * H)
-#define ROW_WORDS (WFP32 ? H : H / 2)
+#define ROW_WORDS (WFP32 ? H : H / 2)  // 32-bit words of one W_hh row in global memory
+#define QUADS ((ROW_WORDS + 3) / 4)      // 128-bit pieces of a row in shared memory (zero-padded)
+#define HP (QUADS * (WFP32 ? 4 : 8))     // columns of a padded row; the state is kept padded with zeros too
 #define HALF ((H + 1) / 2)  // the backward's W_hh^T product: each gate's rows in two halves, columns in pairs
 #define PARTS 8
 
@@ -50,10 +52,17 @@ __device__ __forceinline__ float weight_at(const unsigned int* w, int row, int k
 #endif
 }
 
+// 128-bit loads from shared memory (the CPU build of the tests defines its own, which check the alignment).
+#ifndef CPU_THREADS
+__device__ __forceinline__ float4 load_float4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ uint4 load_uint4(const unsigned int* p) { return *reinterpret_cast<const uint4*>(p); }
+#endif
+
+// A direction's W_hh into shared memory, each row S words from the last, zero-padded to QUADS * 4 words.
 __device__ __forceinline__ void load_weights(unsigned int* w, const unsigned int* source) {
-  for (int i = threadIdx.x; i < G * ROW_WORDS; i += NT) {
-    int row = i / ROW_WORDS;
-    w[row * S + (i - row * ROW_WORDS)] = source[i];
+  for (int i = threadIdx.x; i < G * QUADS * 4; i += NT) {
+    int row = i / (QUADS * 4), col = i - row * (QUADS * 4);
+    w[row * S + col] = col < ROW_WORDS ? source[row * ROW_WORDS + col] : 0u;
   }
 }
 
@@ -80,8 +89,8 @@ extern "C" __global__ void __launch_bounds__(NT, 1) lstm_forward(
     int B, int T, int D, int save) {
   extern __shared__ unsigned int shared[];
   unsigned int* w = shared;
-  float* h = (float*)(shared + G * S);  // R x H: the state being read
-  float* act = h + R * H;               // R x G: the gates after their activation
+  float* h = (float*)(shared + G * S);  // R x HP: the state being read, zero past H
+  float* act = h + R * HP;              // R x G: the gates after their activation
   const int d = blockIdx.y, first = blockIdx.x * R, tid = threadIdx.x;
   load_weights(w, w_hh + (size_t)d * G * ROW_WORDS);
   int len[R];
@@ -94,8 +103,9 @@ extern "C" __global__ void __launch_bounds__(NT, 1) lstm_forward(
   if (cell_thread) {
     bool real = cb < B;
     c = real ? c0[((size_t)d * B + cb) * H + ck] : 0.f;
-    h[cr * H + ck] = real ? h0[((size_t)d * B + cb) * H + ck] : 0.f;
+    h[cr * HP + ck] = real ? h0[((size_t)d * B + cb) * H + ck] : 0.f;
   }
+  for (int i = tid; i < R * (HP - H); i += NT) h[(i / (HP - H)) * HP + H + i % (HP - H)] = 0.f;
   // Gate threads: one per gate row j, for all R reviews.
   const bool gate_thread = tid < G;
   const int gate = tid / H;  // 0 input, 1 forget, 2 cell candidate, 3 output
@@ -116,31 +126,38 @@ extern "C" __global__ void __launch_bounds__(NT, 1) lstm_forward(
             ? gx[(((size_t)(first + r) * T + position(d, len[r], s + 1)) * D + d) * G + tid] : 0.f;
       }
       const unsigned int* row = w + tid * S;
-#if WFP32
-#pragma unroll 5
-      for (int k = 0; k < H; ++k) {
-        float wk = __uint_as_float(row[k]);
-#pragma unroll
-        for (int r = 0; r < R; ++r) acc[r] = fmaf(wk, h[r * H + k], acc[r]);
-      }
-#else
       float acc2[R];
 #pragma unroll
       for (int r = 0; r < R; ++r) acc2[r] = 0.f;
-#pragma unroll 5
-      for (int k = 0; k < H / 2; ++k) {
-        unsigned int pair = row[k];
-        float lo = __uint_as_float(pair << 16), hi = __uint_as_float(pair & 0xffff0000u);
+#pragma unroll 2
+      for (int q = 0; q < QUADS; ++q) {
+        uint4 words = load_uint4(row + 4 * q);
+#if WFP32  // four weights: columns 4q .. 4q + 3
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-          float2 hv = reinterpret_cast<const float2*>(h + r * H)[k];
-          acc[r] = fmaf(lo, hv.x, acc[r]);
-          acc2[r] = fmaf(hi, hv.y, acc2[r]);
+          float4 hv = load_float4(h + r * HP + 4 * q);
+          acc[r] = fmaf(__uint_as_float(words.x), hv.x, acc[r]);
+          acc2[r] = fmaf(__uint_as_float(words.y), hv.y, acc2[r]);
+          acc[r] = fmaf(__uint_as_float(words.z), hv.z, acc[r]);
+          acc2[r] = fmaf(__uint_as_float(words.w), hv.w, acc2[r]);
         }
+#else  // eight bfloat16 weights: columns 8q .. 8q + 7
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          float4 ha = load_float4(h + r * HP + 8 * q), hb = load_float4(h + r * HP + 8 * q + 4);
+          acc[r] = fmaf(__uint_as_float(words.x << 16), ha.x, acc[r]);
+          acc2[r] = fmaf(__uint_as_float(words.x & 0xffff0000u), ha.y, acc2[r]);
+          acc[r] = fmaf(__uint_as_float(words.y << 16), ha.z, acc[r]);
+          acc2[r] = fmaf(__uint_as_float(words.y & 0xffff0000u), ha.w, acc2[r]);
+          acc[r] = fmaf(__uint_as_float(words.z << 16), hb.x, acc[r]);
+          acc2[r] = fmaf(__uint_as_float(words.z & 0xffff0000u), hb.y, acc2[r]);
+          acc[r] = fmaf(__uint_as_float(words.w << 16), hb.z, acc[r]);
+          acc2[r] = fmaf(__uint_as_float(words.w & 0xffff0000u), hb.w, acc2[r]);
+        }
+#endif
       }
 #pragma unroll
       for (int r = 0; r < R; ++r) acc[r] += acc2[r];
-#endif
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         float v = acc[r] + x[r];
@@ -154,7 +171,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) lstm_forward(
       const float* a = act + cr * G;
       c = a[H + ck] * c + a[ck] * a[2 * H + ck];
       float hv = a[3 * H + ck] * tanhf(c);
-      h[cr * H + ck] = hv;
+      h[cr * HP + ck] = hv;
       size_t at = (((size_t)cb * T + position(d, cell_len, s)) * D + d) * H + ck;
       out[at] = hv;
       if (save) cells[at] = c;
@@ -162,7 +179,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) lstm_forward(
     __syncthreads();
   }
   if (cell_thread && cb < B) {
-    h_n[((size_t)d * B + cb) * H + ck] = h[cr * H + ck];
+    h_n[((size_t)d * B + cb) * H + ck] = h[cr * HP + ck];
     c_n[((size_t)d * B + cb) * H + ck] = c;
   }
 }
@@ -275,9 +292,11 @@ MAX_REVIEWS_PER_BLOCK = 4
 
 
 def _row_words(hidden: int, fp32: bool) -> int:
-    """32-bit words per weight row in shared memory: the row's words, made odd (conflict-free row reads)."""
-    words = hidden if fp32 else hidden // 2
-    return words if words % 2 else words + 1
+    """32-bit words from one weight row to the next in shared memory: the row's words rounded up to 128-bit pieces,
+    plus 4 where needed for a stride of 4 mod 8 words, so that the 8 threads of each quarter warp reading their
+    rows' 128-bit pieces at once hit 8 different groups of 4 banks."""
+    quads = -(-(hidden if fp32 else hidden // 2) // 4)
+    return 4 * quads if quads % 2 else 4 * quads + 4
 
 
 def _shared_bytes(hidden: int, fp32: bool, reviews: int) -> int:

@@ -1,10 +1,14 @@
 // Just enough of CUDA C++ to run a kernel's own source on the CPU, for tests without a GPU: one std::thread per
 // CUDA thread, a std::barrier for __syncthreads(), one block at a time (blocks are independent), and shared memory
-// filled with garbage before each block, as a GPU's would be.
+// filled with garbage before each block, as a GPU's would be. Vector loads abort on an address a GPU would fault on.
+#define CPU_THREADS
 #include <algorithm>
 #include <barrier>
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <thread>
 #include <vector>
@@ -13,7 +17,7 @@ struct dim3_ { int x, y, z; };
 thread_local dim3_ threadIdx;
 dim3_ blockIdx;
 std::barrier<>* block_barrier;
-unsigned int shared[64 * 1024];
+alignas(16) unsigned int shared[64 * 1024];
 #define __global__
 #define __device__
 #define __forceinline__ inline
@@ -23,6 +27,13 @@ unsigned int shared[64 * 1024];
 #define __syncthreads() block_barrier->arrive_and_wait()
 inline float __uint_as_float(unsigned int u) { float f; memcpy(&f, &u, 4); return f; }
 struct float2 { float x, y; };
+struct float4 { float x, y, z, w; };
+struct uint4 { unsigned int x, y, z, w; };
+inline void check_aligned(const void* p) {
+  if (reinterpret_cast<std::uintptr_t>(p) % 16) { std::fprintf(stderr, "misaligned 128-bit load\n"); std::abort(); }
+}
+inline float4 load_float4(const float* p) { check_aligned(p); float4 v; memcpy(&v, p, 16); return v; }
+inline uint4 load_uint4(const unsigned int* p) { check_aligned(p); uint4 v; memcpy(&v, p, 16); return v; }
 
 template <typename Body> void run_blocks(int grid_x, int grid_y, int threads, Body body) {
   for (int y = 0; y < grid_y; ++y) {
