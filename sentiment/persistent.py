@@ -37,8 +37,11 @@ _SOURCE = r"""
 #define ROW_WORDS (WFP32 ? H : H / 2)  // 32-bit words of one W_hh row in global memory
 #define QUADS ((ROW_WORDS + 3) / 4)      // 128-bit pieces of a row in shared memory (zero-padded)
 #define HP (QUADS * (WFP32 ? 4 : 8))     // columns of a padded row; the state is kept padded with zeros too
-#define HALF ((H + 1) / 2)  // the backward's W_hh^T product: each gate's rows in two halves, columns in pairs
-#define PARTS 8
+// The backward's W_hh^T dg: each gate's rows in 4 parts of RP rows (a multiple of 4), columns in fours (CQ of them).
+#define CQ ((H + 3) / 4)
+#define RP (4 * ((H + 15) / 16))
+#define HQ (4 * CQ)  // rows per gate in the backward's dg, zero past H
+#define PARTS 16
 
 __device__ __forceinline__ float sigmoid_(float x) { return 1.f / (1.f + expf(-x)); }
 
@@ -56,6 +59,7 @@ __device__ __forceinline__ float weight_at(const unsigned int* w, int row, int k
 #ifndef CPU_THREADS
 __device__ __forceinline__ float4 load_float4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 __device__ __forceinline__ uint4 load_uint4(const unsigned int* p) { return *reinterpret_cast<const uint4*>(p); }
+__device__ __forceinline__ uint2 load_uint2(const unsigned int* p) { return *reinterpret_cast<const uint2*>(p); }
 #endif
 
 // A direction's W_hh into shared memory, each row S words from the last, zero-padded to QUADS * 4 words.
@@ -191,8 +195,8 @@ extern "C" __global__ void __launch_bounds__(NT, 1) lstm_backward(
     float* __restrict__ grad_h0, float* __restrict__ grad_c0, int B, int T, int D) {
   extern __shared__ unsigned int shared[];
   unsigned int* w = shared;
-  float* dg = (float*)(shared + G * S);  // R x G: this step's gate gradients (before the activations)
-  float* part = dg + R * G;              // PARTS x R x H: W_hh^T dg, one part per half gate
+  float* dg = (float*)(shared + G * S);  // R x 4 x HQ: this step's gate gradients (before the activations)
+  float* part = dg + R * 4 * HQ;         // PARTS x R x H: W_hh^T dg, one part per quarter gate
   const int d = blockIdx.y, first = blockIdx.x * R, tid = threadIdx.x;
   load_weights(w, w_hh + (size_t)d * G * ROW_WORDS);
   int len[R];
@@ -222,12 +226,13 @@ extern "C" __global__ void __launch_bounds__(NT, 1) lstm_backward(
     return in;
   };
   Inputs next = fetch(steps - 1);
+  for (int i = tid; i < R * 4 * (HQ - H); i += NT) dg[(i / (HQ - H)) * HQ + H + i % (HQ - H)] = 0.f;
   __syncthreads();
   for (int s = steps - 1; s >= 0; --s) {
     const Inputs in = next;
     next = fetch(s - 1);
     if (cell_thread) {
-      float* dgr = dg + cr * G;
+      float* dgr = dg + cr * 4 * HQ;
       if (s < cell_len) {
         size_t base = ((size_t)cb * T + position(d, cell_len, s)) * D + d;
         float dh = in.grad + dh_next;
@@ -237,41 +242,49 @@ extern "C" __global__ void __launch_bounds__(NT, 1) lstm_backward(
         float di = dc * g * i * (1.f - i), df = dc * in.c_prev * f * (1.f - f);
         float dgg = dc * i * (1.f - g * g), dout = dh * tc * o * (1.f - o);
         dc *= f;
-        dgr[ck] = di; dgr[H + ck] = df; dgr[2 * H + ck] = dgg; dgr[3 * H + ck] = dout;
+        dgr[ck] = di; dgr[HQ + ck] = df; dgr[2 * HQ + ck] = dgg; dgr[3 * HQ + ck] = dout;
         float* gg = grad_gates + base * G;
         gg[ck] = di; gg[H + ck] = df; gg[2 * H + ck] = dgg; gg[3 * H + ck] = dout;
       } else {
-        dgr[ck] = 0.f; dgr[H + ck] = 0.f; dgr[2 * H + ck] = 0.f; dgr[3 * H + ck] = 0.f;
+        dgr[ck] = 0.f; dgr[HQ + ck] = 0.f; dgr[2 * HQ + ck] = 0.f; dgr[3 * HQ + ck] = 0.f;
       }
     }
     __syncthreads();
-    if (tid < PARTS * HALF) {  // thread (q, kp): half q % 2 of gate q / 2's rows, columns 2 kp and 2 kp + 1
-      const int q = tid / HALF, kp = tid - (tid / HALF) * HALF, k = 2 * kp;
-      const int first_row = (q >> 1) * H + (q & 1) * HALF, rows = (q & 1) ? H - HALF : HALF;
-      float acc0[R], acc1[R];
+    if (tid < PARTS * CQ) {  // thread (q, cq): rows RP q % 4 .. of gate q / 4, columns 4 cq .. 4 cq + 3
+      const int q = tid / CQ, cq = tid - (tid / CQ) * CQ, p = q >> 2;
+      const int m0 = (q & 3) * RP, m1 = min(H, m0 + RP);
+      float acc[R][4];
 #pragma unroll
-      for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = 0.f;
-#pragma unroll 5
-      for (int m = 0; m < rows; ++m) {
-        const int row = first_row + m;
+      for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = 0.f;
+      for (int m = m0; m < m1; m += 4) {  // four rows at a time: their gradients are one 128-bit load
+        float4 g4[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) g4[r] = load_float4(dg + (r * 4 + p) * HQ + m);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          if (m + j >= H) break;  // rows past H belong to the next gate; their gradients are zero anyway
+          const unsigned int* words = w + (p * H + m + j) * S;
 #if WFP32
-        float w0 = weight_at(w, row, k), w1 = k + 1 < H ? weight_at(w, row, k + 1) : 0.f;
+          uint4 q4 = load_uint4(words + 4 * cq);
+          float w4[4] = {__uint_as_float(q4.x), __uint_as_float(q4.y), __uint_as_float(q4.z), __uint_as_float(q4.w)};
 #else
-        unsigned int pair = w[row * S + kp];  // both columns' bfloat16 in one word
-        float w0 = __uint_as_float(pair << 16), w1 = __uint_as_float(pair & 0xffff0000u);
+          uint2 q2 = load_uint2(words + 2 * cq);
+          float w4[4] = {__uint_as_float(q2.x << 16), __uint_as_float(q2.x & 0xffff0000u),
+                         __uint_as_float(q2.y << 16), __uint_as_float(q2.y & 0xffff0000u)};
 #endif
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-          float g = dg[r * G + row];
-          acc0[r] = fmaf(w0, g, acc0[r]);
-          acc1[r] = fmaf(w1, g, acc1[r]);
+          for (int r = 0; r < R; ++r) {
+            float g = j == 0 ? g4[r].x : j == 1 ? g4[r].y : j == 2 ? g4[r].z : g4[r].w;
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc[r][c] = fmaf(w4[c], g, acc[r][c]);
+          }
         }
       }
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        part[(q * R + r) * H + k] = acc0[r];
-        if (k + 1 < H) part[(q * R + r) * H + k + 1] = acc1[r];
-      }
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+          if (4 * cq + c < H) part[(q * R + r) * H + 4 * cq + c] = acc[r][c];
     }
     __syncthreads();
     if (s < cell_len) {
@@ -300,9 +313,10 @@ def _row_words(hidden: int, fp32: bool) -> int:
 
 
 def _shared_bytes(hidden: int, fp32: bool, reviews: int) -> int:
-    """Shared memory of the larger of the two kernels: weights, then the backward's gate gradients and its 8
-    parts of W_hh^T times them."""
-    return 4 * (4 * hidden * _row_words(hidden, fp32) + reviews * 4 * hidden + 8 * reviews * hidden)
+    """Shared memory of the larger of the two kernels: weights, then the backward's gate gradients (rows padded
+    to fours) and its 16 parts of W_hh^T times them."""
+    padded = 4 * -(-hidden // 4)
+    return 4 * (4 * hidden * _row_words(hidden, fp32) + reviews * 4 * padded + 16 * reviews * hidden)
 
 
 def _shared_limit(device: torch.device) -> int:

@@ -13,6 +13,7 @@
 #include <thread>
 #include <vector>
 using std::max;
+using std::min;
 struct dim3_ { int x, y, z; };
 thread_local dim3_ threadIdx;
 dim3_ blockIdx;
@@ -29,11 +30,13 @@ inline float __uint_as_float(unsigned int u) { float f; memcpy(&f, &u, 4); retur
 struct float2 { float x, y; };
 struct float4 { float x, y, z, w; };
 struct uint4 { unsigned int x, y, z, w; };
-inline void check_aligned(const void* p) {
-  if (reinterpret_cast<std::uintptr_t>(p) % 16) { std::fprintf(stderr, "misaligned 128-bit load\n"); std::abort(); }
+struct uint2 { unsigned int x, y; };
+inline void check_aligned(const void* p, unsigned bytes = 16) {
+  if (reinterpret_cast<std::uintptr_t>(p) % bytes) { std::fprintf(stderr, "misaligned vector load\n"); std::abort(); }
 }
 inline float4 load_float4(const float* p) { check_aligned(p); float4 v; memcpy(&v, p, 16); return v; }
 inline uint4 load_uint4(const unsigned int* p) { check_aligned(p); uint4 v; memcpy(&v, p, 16); return v; }
+inline uint2 load_uint2(const unsigned int* p) { check_aligned(p, 8); uint2 v; memcpy(&v, p, 8); return v; }
 
 template <typename Body> void run_blocks(int grid_x, int grid_y, int threads, Body body) {
   for (int y = 0; y < grid_y; ++y) {
