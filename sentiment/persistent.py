@@ -45,16 +45,6 @@ _SOURCE = r"""
 
 __device__ __forceinline__ float sigmoid_(float x) { return 1.f / (1.f + expf(-x)); }
 
-// Weight (row, k) of a direction's W_hh held in shared memory.
-__device__ __forceinline__ float weight_at(const unsigned int* w, int row, int k) {
-#if WFP32
-  return __uint_as_float(w[row * S + k]);
-#else
-  unsigned int pair = w[row * S + (k >> 1)];
-  return __uint_as_float((k & 1) ? (pair & 0xffff0000u) : (pair << 16));
-#endif
-}
-
 // 128-bit loads from shared memory (the CPU build of the tests defines its own, which check the alignment).
 #ifndef CPU_THREADS
 __device__ __forceinline__ float4 load_float4(const float* p) { return *reinterpret_cast<const float4*>(p); }
