@@ -14,7 +14,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from sentiment.model import CheckpointError, LSTMClassifier, load_checkpoint, lstm_layers, unshare_storage
-from sentiment.persistent import persistent_lstm, runs_here
+from sentiment.persistent import persistent_layer, runs_here
 from sentiment.prepare import PreparedData
 
 
@@ -88,11 +88,8 @@ class LSTMLanguageModel(
         for layer in range(self.lstm.num_layers):
             if layer > 0 and self.lstm.dropout > 0:
                 layer_input = F.dropout(layer_input, self.lstm.dropout, self.training)
-            w_ih, w_hh, b_ih, b_hh = weights[4 * layer : 4 * layer + 4]
-            gx = F.linear(layer_input, w_ih, b_ih + b_hh).view(batch, steps, 1, -1)
             layer_state = (state[0][layer : layer + 1], state[1][layer : layer + 1])
-            outputs, final = persistent_lstm(gx, w_hh.unsqueeze(0), lengths, layer_state)
-            layer_input = outputs.view(batch, steps, -1)
+            layer_input, final = persistent_layer(layer_input, weights[4 * layer : 4 * layer + 4], lengths, layer_state)
             finals.append(final)
         return layer_input, (torch.cat([h for h, _ in finals]), torch.cat([c for _, c in finals]))
 

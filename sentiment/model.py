@@ -14,7 +14,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from sentiment.persistent import persistent_lstm, runs_here
+from sentiment.persistent import persistent_layer, runs_here
 
 RNN_INPUTS = ("auto", "packed", "padded", "fused", "persistent")
 POOLINGS = ("last", "max", "mean", "concat")
@@ -349,23 +349,17 @@ class LSTMClassifier(
         return layer_input, final
 
     def _persistent_final(self, embedded: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        batch, steps, _ = embedded.shape
+        batch = embedded.shape[0]
         lengths = lengths.to(embedded.device)
-        directions = 2 if self.lstm.bidirectional else 1
         hidden_size = self.lstm.hidden_size
         layer_input = embedded
         for layer in range(self.lstm.num_layers):
             if layer > 0 and self.lstm.dropout > 0:
                 layer_input = F.dropout(layer_input, self.lstm.dropout, self.training)
-            weights = self._layer_weights(layer)  # per direction: w_ih, w_hh, b_ih, b_hh
-            w_ih = torch.cat(weights[0::4])
-            bias = torch.cat([b_ih + b_hh for b_ih, b_hh in zip(weights[2::4], weights[3::4], strict=True)])
-            gx = F.linear(layer_input, w_ih, bias).view(batch, steps, directions, 4 * hidden_size)
-            outputs, _ = persistent_lstm(gx, torch.stack(weights[1::4]), lengths)
-            layer_input = outputs.view(batch, steps, directions * hidden_size)
+            layer_input, _ = persistent_layer(layer_input, self._layer_weights(layer), lengths)
         rows = torch.arange(batch, device=embedded.device)
         final = layer_input[rows, lengths - 1, :hidden_size]
-        if directions == 2:
+        if self.lstm.bidirectional:
             final = torch.cat([final, layer_input[:, 0, hidden_size:]], dim=-1)
         return layer_input, final
 

@@ -532,3 +532,21 @@ def persistent_lstm(
     lengths = lengths.to(device=gx.device, dtype=torch.int32).contiguous()
     out, h_n, c_n = _PersistentLSTM.apply(gx.float().contiguous(), w_hh, lengths, h0, c0)
     return out, (h_n, c_n)
+
+
+def persistent_layer(
+    layer_input: torch.Tensor,
+    weights: list[torch.Tensor],
+    lengths: torch.Tensor,
+    state: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """One LSTM layer over ``layer_input`` (B x T x features): its input projections as one matrix product, then
+    :func:`persistent_lstm`. ``weights`` are the layer's in ``torch.lstm``'s order, per direction ``w_ih, w_hh,
+    b_ih, b_hh``. Returns the outputs (B x T x D*H) and the final (h, c), each D x B x H."""
+    batch, steps, _ = layer_input.shape
+    directions = len(weights) // 4
+    w_ih = torch.cat(weights[0::4])
+    bias = torch.cat([b_ih + b_hh for b_ih, b_hh in zip(weights[2::4], weights[3::4], strict=True)])
+    gx = torch.nn.functional.linear(layer_input, w_ih, bias).view(batch, steps, directions, -1)
+    outputs, final = persistent_lstm(gx, torch.stack(weights[1::4]), lengths, state)
+    return outputs.view(batch, steps, -1), final
