@@ -1,5 +1,6 @@
-"""One LSTM layer's recurrence, forward and backward, on the persistent kernels against cuDNN, at the configs'
-shapes: time per sequential step and peak memory. Needs a CUDA GPU.
+"""One LSTM layer, forward and backward, on the persistent kernels against cuDNN, at the configs' shapes: time per
+sequential step and peak memory, with the matrix products around the kernels in TF32 (cuDNN's default) and in
+float32, and each kernel alone. Needs a CUDA GPU.
 
     python -m benchmarks.persistent_kernel --output benchmarks/results/h100/persistent-kernel.md
 """
@@ -14,7 +15,7 @@ import torch
 
 from sentiment import persistent
 from sentiment.model import lstm_layers
-from sentiment.persistent import persistent_lstm
+from sentiment.persistent import persistent_layer
 
 SHAPES = {  # name: (reviews, steps, directions, hidden, input features)
     "bilstm layer (128 x 256, hidden 150, both directions)": (128, 256, 2, 150, 300),
@@ -47,11 +48,7 @@ def measure(batch: int, steps: int, directions: int, hidden: int, features: int)
     w_hh = (0.1 * torch.randn(directions, 4 * hidden, hidden, device=device)).requires_grad_()
     bias = torch.zeros(directions * 4 * hidden, device=device, requires_grad=True)
 
-    def persistent() -> torch.Tensor:
-        gx = torch.nn.functional.linear(x, w_ih, bias).view(batch, steps, directions, 4 * hidden)
-        return persistent_lstm(gx, w_hh, lengths)[0]
-
-    weights = []
+    weights = []  # torch.lstm's order, per direction: w_ih, w_hh, b_ih, b_hh
     for d in range(directions):
         weights += [w_ih[d * 4 * hidden : (d + 1) * 4 * hidden], w_hh[d], bias[d * 4 * hidden : (d + 1) * 4 * hidden]]
         weights.append(torch.zeros_like(weights[-1]))
@@ -60,13 +57,24 @@ def measure(batch: int, steps: int, directions: int, hidden: int, features: int)
     def cudnn() -> torch.Tensor:
         return lstm_layers(x, (zeros, zeros), weights, train=True, bidirectional=directions == 2)[0]
 
+    def persistent() -> torch.Tensor:
+        return persistent_layer(x, weights, lengths)[0]
+
     row: dict[str, float] = {}
-    for name, run in (("cuDNN", cudnn), ("persistent", persistent)):
+    # The persistent path's products (input projection, weight gradients) at cuDNN's default precision (TF32), then
+    # in full float32 (cuDNN's RNNs told not to use TF32), to show what that precision costs.
+    runs = (
+        ("cuDNN", cudnn, True),
+        ("persistent", persistent, True),
+        ("persistent, float32 products", persistent, False),
+    )
+    for name, run, tf32 in runs:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        with torch.no_grad():
-            row[f"{name} forward ms"] = timed(run)
-        row[f"{name} forward+backward ms"] = timed(lambda run=run: run().sum().backward())
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=tf32):
+            with torch.no_grad():
+                row[f"{name} forward ms"] = timed(run)
+            row[f"{name} forward+backward ms"] = timed(lambda run=run: run().sum().backward())
         row[f"{name} peak reserved GiB"] = torch.cuda.max_memory_reserved() / 2**30
         row[f"{name} us/step (fwd+bwd)"] = 1000 * row[f"{name} forward+backward ms"] / steps
     row["speed-up (fwd+bwd)"] = row["cuDNN forward+backward ms"] / row["persistent forward+backward ms"]

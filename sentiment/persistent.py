@@ -16,16 +16,22 @@ The kernels are CUDA C++ compiled at run time with NVRTC, which PyTorch's CUDA w
 needed. ``torch.cuda._compile_kernel`` would do the compiling, but it asks for a toolkit's include folder even
 for a kernel that includes nothing; :func:`_compile` is its few NVRTC calls without that.
 
+The matrix products around the recurrence run at the precision cuDNN's LSTM runs its own on the default path:
+TensorFloat-32 when ``torch.backends.cudnn`` allows it for RNNs (PyTorch's default), float32 when it does not
+(``torch.backends.cudnn.flags(allow_tf32=False)``).
+
 Semantics are those of a packed sequence: each review runs over its own length (the backward direction from its
 last token), outputs at padding are zero, and the final state is the one after each review's last token.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import math
 import warnings
+from collections.abc import Iterator
 
 import torch
 
@@ -426,6 +432,53 @@ def _plan(batch: int, directions: int, hidden: int, device: torch.device) -> tup
     return reviews, _weights_fp32(hidden, reviews, device)
 
 
+def _cudnn_rnn_tf32() -> bool:
+    """Whether cuDNN may run an RNN's float32 matrix products in TensorFloat-32 (torch 2.9 has a flag per
+    operation; before it, one for all of cuDNN)."""
+    precision = getattr(getattr(torch.backends.cudnn, "rnn", None), "fp32_precision", None)
+    return precision == "tf32" if precision is not None else bool(torch.backends.cudnn.allow_tf32)
+
+
+@contextlib.contextmanager
+def _matmul_precision(tf32: bool) -> Iterator[None]:
+    """Float32 matrix products in the block in TensorFloat-32 (``tf32``) or in full float32, through PyTorch's
+    public switch, set back after."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+class _Projection(torch.autograd.Function):
+    """``x W^T + b`` whose forward and backward products run at a given precision (see :func:`_matmul_precision`):
+    autograd's own backward of ``linear`` would run at whatever precision is set when it runs."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, tf32: bool
+    ) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.tf32 = tf32
+        with _matmul_precision(tf32):
+            return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        rows = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_weight = grad_bias = None
+        with _matmul_precision(ctx.tf32):
+            if ctx.needs_input_grad[0]:
+                grad_x = grad @ weight.to(grad.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_weight = rows.t() @ x.reshape(-1, x.shape[-1]).to(grad.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = rows.sum(0)
+        return grad_x, grad_weight, grad_bias, None
+
+
 def _weight_words(w_hh: torch.Tensor, fp32: bool) -> torch.Tensor:
     """``w_hh`` (D x 4H x H) as the 32-bit words the kernels read: float32, or bfloat16 pairs."""
     weights = w_hh.detach().float() if fp32 else w_hh.detach().to(torch.bfloat16)
@@ -459,6 +512,7 @@ class _PersistentLSTM(torch.autograd.Function):
         if save:
             ctx.save_for_backward(words, lengths, h0, c0, out, gates, cells)
             ctx.plan = reviews, fp32
+            ctx.tf32 = _cudnn_rnn_tf32()  # the weight gradient's product, at the forward's precision
         return out, h_n, c_n
 
     @staticmethod
@@ -486,7 +540,8 @@ class _PersistentLSTM(torch.autograd.Function):
         grad_w_hh = None
         if ctx.needs_input_grad[1]:  # sum over steps of dgates_t (x) h_{t-1}, per direction: one matrix product
             previous = _previous_states(out, lengths, h0)
-            grad_w_hh = torch.einsum("btdg,btdh->dgh", grad_gates, previous)
+            with _matmul_precision(ctx.tf32):
+                grad_w_hh = torch.einsum("btdg,btdh->dgh", grad_gates, previous)
         return grad_gates, grad_w_hh, None, grad_h0, grad_c0
 
 
@@ -547,6 +602,6 @@ def persistent_layer(
     directions = len(weights) // 4
     w_ih = torch.cat(weights[0::4])
     bias = torch.cat([b_ih + b_hh for b_ih, b_hh in zip(weights[2::4], weights[3::4], strict=True)])
-    gx = torch.nn.functional.linear(layer_input, w_ih, bias).view(batch, steps, directions, -1)
+    gx = _Projection.apply(layer_input, w_ih, bias, _cudnn_rnn_tf32()).view(batch, steps, directions, -1)
     outputs, final = persistent_lstm(gx, torch.stack(weights[1::4]), lengths, state)
     return outputs.view(batch, steps, -1), final

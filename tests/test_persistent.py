@@ -83,9 +83,10 @@ def run_both(hidden: int, bidirectional: bool, round_to_bf16: bool) -> dict[str,
     w_ih = torch.cat([getattr(gpu, f"weight_ih_l0{s}") for s in suffixes])
     bias = torch.cat([getattr(gpu, f"bias_ih_l0{s}") + getattr(gpu, f"bias_hh_l0{s}") for s in suffixes])
     w_hh = torch.stack([getattr(gpu, f"weight_hh_l0{s}") for s in suffixes])
-    gx = torch.nn.functional.linear(inputs[0], w_ih, bias).view(batch, steps, directions, 4 * hidden)
-    out, (h_n, c_n) = persistent_lstm(gx, w_hh, lengths.to(device), (inputs[1], inputs[2]))
-    loss(out.reshape(batch, steps, -1), h_n, c_n).backward()
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # the kernel's products in full float32
+        gx = torch.nn.functional.linear(inputs[0], w_ih, bias).view(batch, steps, directions, 4 * hidden)
+        out, (h_n, c_n) = persistent_lstm(gx, w_hh, lengths.to(device), (inputs[1], inputs[2]))
+        loss(out.reshape(batch, steps, -1), h_n, c_n).backward()
 
     pairs = {"outputs": (out.reshape(batch, steps, -1), ref_out), "h_n": (h_n, ref_h), "c_n": (c_n, ref_c)}
     for name, mine, theirs in zip(("x", "h0", "c0"), inputs, ref_inputs, strict=True):
@@ -180,6 +181,30 @@ def test_unsupported_device_falls_back_with_a_warning() -> None:
         logits = persistent(ids, lengths)
     torch.testing.assert_close(logits, padded(ids, lengths))
     assert build_config(overrides={"rnn_input": "persistent"}).rnn_input == "persistent"
+
+
+def test_products_around_the_kernel_follow_cudnns_tf32_switch() -> None:
+    """The input projection and the weight gradients run in TensorFloat-32 exactly when cuDNN's RNNs may (PyTorch's
+    default), and the projection computes ``linear``'s values and gradients; the global setting is restored."""
+    assert persistent._cudnn_rnn_tf32()
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        assert not persistent._cudnn_rnn_tf32()
+    assert persistent._cudnn_rnn_tf32()
+    torch.manual_seed(0)
+    x, weight, bias = (
+        torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in ((3, 5, 4), (6, 4), (6,))
+    )
+    mine = persistent._Projection.apply(x, weight, bias, True)
+    theirs = torch.nn.functional.linear(x, weight, bias)
+    torch.testing.assert_close(mine, theirs)
+    upstream = torch.randn_like(theirs)
+    grads = [torch.autograd.grad(out, (x, weight, bias), upstream) for out in (mine, theirs)]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+    precision = torch.get_float32_matmul_precision()
+    with persistent._matmul_precision(True):
+        assert torch.get_float32_matmul_precision() == "high"
+    assert torch.get_float32_matmul_precision() == precision
 
 
 LAUNCHERS = r"""
