@@ -105,7 +105,9 @@ extern "C" __global__ void __launch_bounds__(NT, 1) lstm_forward(
     c = real ? c0[((size_t)d * B + cb) * H + ck] : 0.f;
     h[cr * HP + ck] = real ? h0[((size_t)d * B + cb) * H + ck] : 0.f;
   }
+#if HP > H
   for (int i = tid; i < R * (HP - H); i += NT) h[(i / (HP - H)) * HP + H + i % (HP - H)] = 0.f;
+#endif
   // Gate threads: one per gate row j, for all R reviews.
   const bool gate_thread = tid < G;
   const int gate = tid / H;  // 0 input, 1 forget, 2 cell candidate, 3 output
@@ -222,7 +224,9 @@ extern "C" __global__ void __launch_bounds__(NT, 1) lstm_backward(
     return in;
   };
   Inputs next = fetch(steps - 1);
+#if HQ > H
   for (int i = tid; i < R * 4 * (HQ - H); i += NT) dg[(i / (HQ - H)) * HQ + H + i % (HQ - H)] = 0.f;
+#endif
   __syncthreads();
   for (int s = steps - 1; s >= 0; --s) {
     const Inputs in = next;
