@@ -32,11 +32,11 @@ from sentiment.training import build_model
 
 def kind_of(kernel: str, calls_per_step: float) -> str:
     """The kind of a CUDA kernel, from its name and how often one training step launches it: cuDNN's own RNN
-    kernels and anything launched hundreds of times a step (once per time step: the backward pass's recurrent
-    matrix products) are the recurrence."""
+    kernels, the persistent path's (``lstm_forward``, ``lstm_backward``) and anything launched hundreds of times a
+    step (once per time step: cuDNN's backward recurrent matrix products) are the recurrence."""
     name = kernel.lower()
     if calls_per_step >= 100 or any(sign in name for sign in ("rnn", "lstm")):
-        return "recurrence (per time step, cuDNN)"
+        return "recurrence"
     if any(sign in name for sign in ("gemm", "cutlass", "xmma")):
         return "other matrix products"
     return "other"
