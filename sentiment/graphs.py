@@ -9,8 +9,10 @@ what the eager step computes on the unpadded batch.
 
 Memory: every graph allocates from one pool, and the shapes are captured largest first (before training, when
 the trainer knows them), so the later, smaller graphs fit in the memory the largest one left free: the pool holds
-about one step of the longest batch, whatever the number of shapes. Captures leave the weights, the optimizer's
-state and the random number generators exactly as they were.
+about one step of the longest batch, whatever the number of shapes. Between two replays that memory holds nothing
+a replay reads before writing it, so evaluation allocates from the pool too (:meth:`GraphedTrainStep.sharing_pool`)
+instead of beside it. Captures leave the weights, the optimizer's state and the random number generators exactly
+as they were.
 """
 
 from __future__ import annotations
@@ -203,7 +205,10 @@ class GraphedTrainStep:
         self.totals = torch.zeros(3, dtype=torch.float64, device=device)
         self.nonfinite_steps = torch.zeros((), dtype=torch.int64, device=device)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}
-        self.pool = torch.cuda.graph_pool_handle()
+        # Captures and the eager work that shares their pool run on one stream of their own: the allocator hands a
+        # free block only to allocations on the stream it was freed on.
+        self.stream = torch.cuda.Stream(device)
+        self.pool = torch.cuda.MemPool()
         self.capture_seconds = 0.0
         self._optimizer_ready = False
 
@@ -251,7 +256,7 @@ class GraphedTrainStep:
                 self.optimizer.zero_grad(set_to_none=True)
                 torch.cuda.synchronize(self.device)
                 torch.cuda.empty_cache()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph, pool=self.pool.id, stream=self.stream):
                 train_step(
                     self.model, self.optimizer, inputs, self.totals, self.max_grad_norm, self.nonfinite_steps,
                     **options,
@@ -269,10 +274,26 @@ class GraphedTrainStep:
         for shape in sorted(set(shapes) - set(self.graphs), key=lambda s: (tokens(s), s), reverse=True):
             self.graphs[shape] = self._capture(shape)
 
+    @contextlib.contextmanager
+    def sharing_pool(self) -> Iterator[None]:
+        """Run eager work between training steps (evaluation) in the graphs' memory pool, on their stream: it
+        reuses the memory the graphs' intermediate tensors take during a replay, which lies idle between replays.
+
+        Safe because a replay reads nothing from that memory before writing it (its inputs, the weights, the
+        optimizer's state and the totals live outside it or stay allocated), and the work is done, its tensors
+        freed, before the next replay: the block must not return tensors that outlive it on the device."""
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        try:
+            with torch.cuda.stream(self.stream), torch.cuda.use_mem_pool(self.pool, self.device):
+                yield
+        finally:
+            current.wait_stream(self.stream)
+
     def close(self) -> None:
         """Free the graphs and their memory pool (the next ``step`` captures again)."""
         self.graphs.clear()
-        self.pool = torch.cuda.graph_pool_handle()
+        self.pool = torch.cuda.MemPool()
         self.optimizer.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
 

@@ -13,10 +13,12 @@ In every mode a batch of more than ``max_step_tokens`` tokens (rows x length) ru
 gradients add up before the one optimizer step: the same update, in the memory of a group. A BiLSTM step of the
 report's config on its longest batch (128 x 2,304 tokens) needs 10 GiB of GPU memory whole (H100, 2026-12-07).
 
-Evaluation runs beside whatever training keeps (the graphs' pool), so its batches are cut into pieces of at
-most ``eval_tokens`` tokens, checked the same way. Trials leave the weights, the optimizer and the random number
-generators as they were (:func:`sentiment.graphs.unchanged`); if nothing fits, :class:`MemoryPlanError` stops
-the run before training with the memory a step needs and the settings that lower it.
+Evaluation runs beside whatever training keeps, so its batches are cut into pieces of at most ``eval_tokens``
+tokens, checked the same way; under graphs it allocates from the graphs' pool, whose memory lies idle between
+replays (:meth:`sentiment.graphs.GraphedTrainStep.sharing_pool`), so that it adds little to the peak. Trials
+leave the weights, the optimizer and the random number generators as they were (:func:`sentiment.graphs.unchanged`);
+if nothing fits, :class:`MemoryPlanError` stops the run before training with the memory a step needs and the
+settings that lower it.
 
 Hand-written because no library plans a recurrent model's memory from its batch shapes: the allocator's own
 figures (``torch.cuda.max_memory_reserved``) and out-of-memory errors are the measurements.
@@ -24,6 +26,7 @@ figures (``torch.cuda.max_memory_reserved``) and out-of-memory errors are the me
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -122,12 +125,14 @@ def _fits(trial: Callable[[], None], device: torch.device) -> bool:
         torch.cuda.empty_cache()
 
 
-def _eval_fits(model: nn.Module, shape: tuple[int, int], pad_id: int, device: torch.device) -> bool:
-    def forward() -> None:
+def _eval_fits(
+    model: nn.Module, shape: tuple[int, int], pad_id: int, device: torch.device, graph_step: GraphedTrainStep | None
+) -> bool:
+    def forward() -> None:  # where evaluation will run: in the graphs' pool, if there are graphs
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad():
+            with graph_step.sharing_pool() if graph_step is not None else contextlib.nullcontext(), torch.no_grad():
                 batch = dummy_batch(shape, pad_id, device)
                 model(batch["input_ids"], batch["lengths"])
         finally:
@@ -154,13 +159,20 @@ def _step_fits(
     return _fits(step, device)
 
 
-def _eval_tokens(model: nn.Module, eval_shape: tuple[int, int], budget: int, pad_id: int, device: torch.device) -> int:
-    """The most tokens per evaluation forward that fit now, starting from ``budget`` and halving; 0 if not even
-    one review of the longest evaluation batch fits."""
+def _eval_tokens(
+    model: nn.Module,
+    eval_shape: tuple[int, int],
+    budget: int,
+    pad_id: int,
+    device: torch.device,
+    graph_step: GraphedTrainStep | None = None,
+) -> int:
+    """The most tokens per evaluation forward that fit now (in ``graph_step``'s pool, if given), starting from
+    ``budget`` and halving; 0 if not even one review of the longest evaluation batch fits."""
     rows, steps = eval_shape
     budget = max(min(budget, tokens(eval_shape)), steps)
     while True:
-        if _eval_fits(model, (max(1, min(rows, budget // steps)), steps), pad_id, device):
+        if _eval_fits(model, (max(1, min(rows, budget // steps)), steps), pad_id, device, graph_step):
             return budget
         if budget <= steps:
             return 0
@@ -197,7 +209,7 @@ def plan_steps(
         try:
             graph_step.capture(train_shapes)
             eval_budget = min(graph_tokens or tokens(largest), max_eval_tokens or tokens(eval_shape))
-            eval_tokens = _eval_tokens(model, eval_shape, eval_budget, pad_id, device)
+            eval_tokens = _eval_tokens(model, eval_shape, eval_budget, pad_id, device, graph_step)
         except RuntimeError as err:  # out of memory, or a capture that failed after it
             logger.info("CUDA graphs do not fit: %s", str(err).splitlines()[0][:200])
             eval_tokens = 0

@@ -4,6 +4,7 @@ save state each epoch for ``--resume``, evaluate the best model on test.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -365,9 +366,9 @@ def _train(accelerator: Accelerator, cfg: TrainConfig, on_epoch_end: EpochCallba
             )  # fmt: skip
             state.update(step=0, partial_totals=None)
             train_seconds = time.perf_counter() - started
-            valid = evaluate(accelerator.unwrap_model(model), valid_loader, accelerator, max_tokens=eval_tokens)
-            if graph_step is not None:  # training replays graphs from their own pool: the eager cache is idle
-                torch.cuda.empty_cache()  # until the next validation, and other processes on the GPU may need it
+            # Under graphs, validation allocates from the graphs' pool, whose memory is idle between replays.
+            with graph_step.sharing_pool() if graph_step is not None else contextlib.nullcontext():
+                valid = evaluate(accelerator.unwrap_model(model), valid_loader, accelerator, max_tokens=eval_tokens)
             record = {
                 "epoch": epoch + 1,
                 "train_loss": train_figures["loss"],

@@ -4,6 +4,7 @@ GPU, skipped without one)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import numpy as np
@@ -157,6 +158,47 @@ def test_graphs_need_at_most_one_and_a_half_times_the_memory_of_eager_steps() ->
         del model, optimizer
         torch.cuda.empty_cache()
     assert peaks["graphs"] <= 1.5 * peaks["eager"], {k: f"{v / 2**30:.2f} GiB" for k, v in peaks.items()}
+
+
+@needs_cuda
+def test_evaluation_in_the_graphs_pool_changes_nothing_and_adds_little_memory() -> None:
+    """Evaluation between graph replays run in the graphs' pool (``sharing_pool``) gives the logits that evaluation
+    beside the pool gives, the training after it is the same, and the peak reserved memory stays within 10% of what
+    the captured graphs hold; beside the pool, evaluation adds its own memory."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    use_expandable_segments()  # as the trainer does
+    results = {}
+    for where in ("beside", "in pool"):
+        torch.cuda.empty_cache()
+        model, batches = _bilstm_and_batches(device, rows=32)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=True)
+        step = GraphedTrainStep(model, optimizer, 1.0)
+        step.capture({tuple(batch["input_ids"].shape) for batch in batches})
+        lengths = [int(n) for n in np.random.default_rng(1).integers(750, 1501, 32)]
+        evaluation = PadCollator(pad_id=1)(examples(lengths, vocab_size=2000, seed=1))
+        ids, review_lengths = evaluation["input_ids"].to(device), evaluation["lengths"].to(device)
+        torch.cuda.synchronize(device)
+        captured = torch.cuda.memory_reserved(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        logits = []
+        for batch in batches:
+            step.step(batch)
+            model.eval()
+            with step.sharing_pool() if where == "in pool" else contextlib.nullcontext(), torch.no_grad():
+                logits.append(model(ids, review_lengths).cpu())
+            model.train()
+        torch.cuda.synchronize(device)
+        added = torch.cuda.max_memory_reserved(device) - captured
+        results[where] = (torch.stack(logits), [p.detach().cpu() for p in model.parameters()], added, captured)
+        step.close()
+        del model, optimizer, step
+    beside, in_pool = results["beside"], results["in pool"]
+    torch.testing.assert_close(in_pool[0], beside[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(in_pool[1], beside[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    gib = {where: f"+{r[2] / 2**30:.2f} GiB on {r[3] / 2**30:.2f} GiB" for where, r in results.items()}
+    assert in_pool[2] <= 0.1 * in_pool[3], gib
+    assert in_pool[2] < beside[2], gib
 
 
 @needs_cuda
