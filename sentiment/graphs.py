@@ -234,37 +234,47 @@ class GraphedTrainStep:
                     value.zero_()
         self._optimizer_ready = True
 
+    def _warm_up(self, inputs: dict[str, torch.Tensor]) -> None:
+        """Before the first capture only: one step on a side stream, so that cuDNN, cuBLAS and the allocator set
+        themselves up outside the capture, its effects undone. Later shapes need no warm-up, whose memory (a whole
+        step, in the ordinary cache) would otherwise add to the pool's."""
+        with unchanged(self.model, self.optimizer):
+            saved_totals = (self.totals.clone(), self.nonfinite_steps.clone())
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self.optimizer.zero_grad(set_to_none=True)
+                train_step(
+                    self.model, self.optimizer, inputs, self.totals, self.max_grad_norm, chunk_tokens=self.chunk_tokens
+                )  # fmt: skip
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            torch.cuda.synchronize(self.device)
+            self.totals.copy_(saved_totals[0])
+            self.nonfinite_steps.copy_(saved_totals[1])
+        torch.cuda.empty_cache()
+
     def _capture(self, shape: tuple[int, int]) -> tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]:
         start = time.perf_counter()
         if not self._optimizer_ready:
             self._init_optimizer_state()
         inputs = dummy_batch(shape, self.model.pad_id, self.device)
+        if not self.graphs:
+            self._warm_up(inputs)
         graph = torch.cuda.CUDAGraph()
-        options = {"chunk_tokens": self.chunk_tokens}
-        with unchanged(self.model, self.optimizer):
-            saved_totals = (self.totals.clone(), self.nonfinite_steps.clone())
-            if not self.graphs:
-                # The first capture only: one step on a side stream, so that cuDNN, cuBLAS and the allocator set
-                # themselves up outside the capture. Later shapes need no warm-up, whose memory (a whole step, in the
-                # ordinary cache) would otherwise add to the pool's.
-                side = torch.cuda.Stream(self.device)
-                side.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(side):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    train_step(self.model, self.optimizer, inputs, self.totals, self.max_grad_norm, **options)
-                torch.cuda.current_stream(self.device).wait_stream(side)
+        # A capture records work and runs none of it: the weights, the optimizer's state and the totals stay as they
+        # are, and need no copy to restore them from (a copy per shape, and the allocations it makes between
+        # captures, which empty the cache). It does draw the random numbers its replays will use, and leaves the
+        # graph's gradients (in the pool) as the parameters' .grad: the generators are set back, and the gradients
+        # dropped so that the next capture reuses that memory (each replay writes its gradients before it reads them).
+        with torch.random.fork_rng(devices=[self.device], device_type="cuda"):
+            try:
+                with torch.cuda.graph(graph, pool=self.pool.id, stream=self.stream):
+                    train_step(
+                        self.model, self.optimizer, inputs, self.totals, self.max_grad_norm, self.nonfinite_steps,
+                        chunk_tokens=self.chunk_tokens,
+                    )  # fmt: skip
+            finally:
                 self.optimizer.zero_grad(set_to_none=True)
-                torch.cuda.synchronize(self.device)
-                torch.cuda.empty_cache()
-            with torch.cuda.graph(graph, pool=self.pool.id, stream=self.stream):
-                train_step(
-                    self.model, self.optimizer, inputs, self.totals, self.max_grad_norm, self.nonfinite_steps,
-                    **options,
-                )  # fmt: skip
-            # The graph's gradients stay in the pool as the parameters' .grad; dropping them lets the next capture
-            # reuse that memory (each replay writes its gradients before it reads them).
-            self.totals.copy_(saved_totals[0])
-            self.nonfinite_steps.copy_(saved_totals[1])
         torch.cuda.synchronize(self.device)
         self.capture_seconds += time.perf_counter() - start
         return graph, inputs

@@ -155,6 +155,10 @@ def test_graph_replay_matches_eager_steps(capture_first: bool) -> None:
     if capture_first:  # all shapes before the first step, the largest first: the later ones reuse its memory
         step.capture({(8, bucket_length(max(lengths))) for lengths in lengths_per_step})
         assert list(step.graphs) == [(8, 120), (8, 40), (8, 6), (8, 5)]
+        # Captures change nothing: the weights, the optimizer's moments, the totals; no gradient is left.
+        assert all(torch.equal(a, b) for a, b in zip(eager.parameters(), graphed.parameters(), strict=True))
+        assert all(p.grad is None and not graph_opt.state[p]["exp_avg"].any() for p in graphed.parameters())
+        assert not step.totals.any() and not step.nonfinite_steps.any()
     for seed, lengths in enumerate(lengths_per_step):
         batch = collate(examples(lengths, vocab_size=80, seed=seed))
         step.step(batch)
