@@ -14,6 +14,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from sentiment import persistent
 from sentiment.persistent import persistent_layer, runs_here
 
 RNN_INPUTS = ("auto", "packed", "padded", "fused", "persistent")
@@ -120,7 +121,9 @@ class LSTMClassifier(
     state until the review's last token. ``persistent`` (NVIDIA GPUs, :mod:`sentiment.persistent`): the input
     projections as one matrix product per layer, then a kernel that runs each review's whole recurrence in one
     thread block, ``W_hh`` in shared memory (in bfloat16 above ~110 hidden units); where it cannot run (CPU,
-    large ``hidden_dim``) the model warns once and takes ``auto``'s path. ``auto``: fused on GPU, padded on CPU.
+    large ``hidden_dim``) the model warns once and takes ``auto``'s path. ``auto``: on a GPU, persistent where
+    :func:`sentiment.persistent.preferred` says it is the faster path (Hopper GPUs, ``hidden_dim`` above 128: the
+    BiLSTM config trains 3x faster there), else fused; padded on CPU.
     A checkpoint whose config.json says ``triton`` (the Triton LSTM, now in experiments/triton_lstm) loads with
     ``auto`` and a warning: every path gives the same result.
 
@@ -224,9 +227,11 @@ class LSTMClassifier(
             embedded = embedded * keep
         embedded = self.dropout(embedded)
         path = self.rnn_input
-        if path == "auto":  # measured on an H200 and on 2 CPU cores (docs/benchmarks.md)
-            path = "fused" if embedded.is_cuda else "padded"
         truncating = self.truncate_bptt > 0 and self.training
+        if path == "auto":  # measured on an H100, an H200 and on 2 CPU cores (docs/benchmarks.md)
+            path = "fused" if embedded.is_cuda else "padded"
+            if path == "fused" and not truncating and persistent.preferred(self.lstm.hidden_size, embedded.device):
+                path = "persistent"
         if truncating and path == "packed":
             raise ValueError(
                 f"truncate_bptt needs rnn_input auto, padded or fused (rnn_input {path} runs each review in one call)"

@@ -18,6 +18,7 @@ import functools
 import math
 import shutil
 import subprocess
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -205,6 +206,35 @@ def test_products_around_the_kernel_follow_cudnns_tf32_switch() -> None:
     with persistent._matmul_precision(True):
         assert torch.get_float32_matmul_precision() == "high"
     assert torch.get_float32_matmul_precision() == precision
+
+
+def test_auto_takes_the_persistent_kernels_on_hopper_above_hidden_128(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``rnn_input: auto`` prefers the persistent kernels only on compute capability 9 GPUs, above 128 hidden units
+    (where cuDNN's backward is not persistent), where they can run; on CPU it stays padded, with no warning."""
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert not persistent.preferred(150, cpu)
+    monkeypatch.setattr(persistent, "persistent_support", lambda hidden, device: None if hidden <= 158 else "too big")
+    cases = [((9, 0), 150, True), ((9, 0), 128, False), ((9, 0), 75, False), ((9, 0), 200, False),
+             ((8, 0), 150, False), ((10, 0), 150, False)]  # fmt: skip
+    for capability, hidden, expected in cases:
+        persistent.preferred.cache_clear()
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, capability=capability: capability)
+        monkeypatch.setattr(torch.version, "cuda", "12.8")
+        assert persistent.preferred(hidden, gpu) is expected, (capability, hidden)
+    persistent.preferred.cache_clear()
+    model = LSTMClassifier(40, 4, 150, 1, True, dropout=0.0)  # auto
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning: auto never asked for the kernels on CPU
+        model(torch.randint(2, 40, (2, 5)), torch.tensor([5, 3]))
+
+
+@pytest.mark.parametrize("positions", [7, 12, 64, 4096])
+def test_weight_gradient_products_in_slices_equal_one_product(positions: int) -> None:
+    """The weight gradients' sums over positions, taken as products over slices summed after, equal one product."""
+    torch.manual_seed(0)
+    a = torch.randn(positions, 2, 9, dtype=torch.float64)[:, 1]  # strided, as one direction of the gates' gradients
+    b = torch.randn(positions, 5, dtype=torch.float64)
+    torch.testing.assert_close(persistent._outer_product_sum(a, b), a.t() @ b)
 
 
 LAUNCHERS = r"""
