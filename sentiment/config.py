@@ -78,7 +78,7 @@ class TrainConfig:
     dropout: float = _key(0.5, "model", "dropout on embeddings, between layers, before the output")
     bidirectional: bool = _key(False, "model", "BiLSTM: read reviews in both directions")
     rnn_input: Literal["auto", "packed", "padded", "fused", "persistent"] = _key(
-        "auto", "model", "LSTM code path (auto: GPU persistent or fused, CPU padded; see docs)"
+        "auto", "model", "LSTM code path (auto: GPU fused, or persistent on Hopper; CPU padded)"
     )
     cuda_graphs: bool = _key(True, "model", "replay training steps from CUDA graphs (one GPU)")
     init_from: str | None = _key(None, "language model", "start from a pretrained language model (RUN/best)")
