@@ -18,6 +18,7 @@ as they were.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Iterable, Iterator
 
@@ -170,6 +171,18 @@ def tokens(shape: tuple[int, int]) -> int:
     return shape[0] * shape[1]
 
 
+@functools.cache
+def _work_stream(device_index: int) -> torch.cuda.Stream:
+    return torch.cuda.Stream(torch.device("cuda", device_index))
+
+
+def work_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one side stream per GPU on which graphs are warmed up and captured, and evaluation shares their pool, for
+    the life of the process. cuBLAS keeps a workspace for each stream it has run on until the process ends: a new
+    stream for each run (each sweep trial in a worker) would leave one more behind every time."""
+    return _work_stream(device.index if device.index is not None else torch.cuda.current_device())
+
+
 class GraphedTrainStep:
     """``step(batch)`` runs one training step of ``model`` + ``optimizer`` from a CUDA graph.
 
@@ -205,9 +218,9 @@ class GraphedTrainStep:
         self.totals = torch.zeros(3, dtype=torch.float64, device=device)
         self.nonfinite_steps = torch.zeros((), dtype=torch.int64, device=device)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}
-        # Captures and the eager work that shares their pool run on one stream of their own: the allocator hands a
-        # free block only to allocations on the stream it was freed on.
-        self.stream = torch.cuda.Stream(device)
+        # Warm-up, captures and the eager work that shares their pool run on one stream of their own: the allocator
+        # hands a free block only to allocations on the stream it was freed on.
+        self.stream = work_stream(device)
         self.pool = torch.cuda.MemPool()
         self.capture_seconds = 0.0
         self._optimizer_ready = False
@@ -235,19 +248,18 @@ class GraphedTrainStep:
         self._optimizer_ready = True
 
     def _warm_up(self, inputs: dict[str, torch.Tensor]) -> None:
-        """Before the first capture only: one step on a side stream, so that cuDNN, cuBLAS and the allocator set
-        themselves up outside the capture, its effects undone. Later shapes need no warm-up, whose memory (a whole
-        step, in the ordinary cache) would otherwise add to the pool's."""
+        """Before the first capture only: one step on the capture stream, so that cuDNN, cuBLAS (its workspace for
+        that stream) and the allocator set themselves up outside the capture, its effects undone. Later shapes need
+        no warm-up, whose memory (a whole step, in the ordinary cache) would otherwise add to the pool's."""
         with unchanged(self.model, self.optimizer):
             saved_totals = (self.totals.clone(), self.nonfinite_steps.clone())
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.stream):
                 self.optimizer.zero_grad(set_to_none=True)
                 train_step(
                     self.model, self.optimizer, inputs, self.totals, self.max_grad_norm, chunk_tokens=self.chunk_tokens
                 )  # fmt: skip
-            torch.cuda.current_stream(self.device).wait_stream(side)
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
             torch.cuda.synchronize(self.device)
             self.totals.copy_(saved_totals[0])
             self.nonfinite_steps.copy_(saved_totals[1])

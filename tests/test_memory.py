@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 
 import numpy as np
 import pytest
@@ -199,6 +200,32 @@ def test_evaluation_in_the_graphs_pool_changes_nothing_and_adds_little_memory() 
     gib = {where: f"+{r[2] / 2**30:.2f} GiB on {r[3] / 2**30:.2f} GiB" for where, r in results.items()}
     assert in_pool[2] <= 0.1 * in_pool[3], gib
     assert in_pool[2] < beside[2], gib
+
+
+@needs_cuda
+def test_runs_one_after_another_leave_no_gpu_memory_behind() -> None:
+    """Graphs captured, replayed, evaluated beside in their pool and closed, three times in one process (as a sweep
+    worker runs its trials): the memory reserved after each close does not grow."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    use_expandable_segments()
+    reserved = []
+    for _ in range(3):
+        model, batches = _bilstm_and_batches(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, capturable=True)
+        step = GraphedTrainStep(model, optimizer, 1.0)
+        step.capture({tuple(batch["input_ids"].shape) for batch in batches})
+        for batch in batches[:3]:
+            step.step(batch)
+            model.eval()
+            with step.sharing_pool(), torch.no_grad():
+                model(batch["input_ids"].to(device), batch["lengths"].to(device)).sum().item()
+            model.train()
+        step.close()
+        del model, optimizer, step
+        gc.collect()
+        torch.cuda.empty_cache()
+        reserved.append(torch.cuda.memory_reserved(device))
+    assert reserved[2] <= reserved[0] + 2**20, [f"{r / 2**20:.0f} MiB" for r in reserved]
 
 
 @needs_cuda
