@@ -13,9 +13,10 @@ In every mode a batch of more than ``max_step_tokens`` tokens (rows x length) ru
 gradients add up before the one optimizer step: the same update, in the memory of a group. A BiLSTM step of the
 report's config on its longest batch (128 x 2,304 tokens) needs 10 GiB of GPU memory whole (H100, 2026-12-07).
 
-Evaluation runs beside whatever training keeps, so its batches are cut into pieces of at most ``eval_tokens``
-tokens, checked the same way; under graphs it allocates from the graphs' pool, whose memory lies idle between
-replays (:meth:`sentiment.graphs.GraphedTrainStep.sharing_pool`), so that it adds little to the peak. Trials
+Evaluation's batches are cut into pieces of at most ``eval_tokens`` tokens, checked the same way. Under graphs it
+allocates from the graphs' pool, whose memory lies idle between replays
+(:meth:`sentiment.graphs.GraphedTrainStep.sharing_pool`), so that it adds little to the peak; in eager modes it runs
+beside what training keeps. Trials
 leave the weights, the optimizer and the random number generators as they were (:func:`sentiment.graphs.unchanged`);
 if nothing fits, :class:`MemoryPlanError` stops the run before training with the memory a step needs and the
 settings that lower it.
