@@ -1,5 +1,6 @@
-"""Tabulate training runs side by side (Markdown): processes, batch, seed, seconds per epoch, best epoch and the
-selected epoch's validation and test figures, read from each run's ``metrics.json`` and ``config.yaml``.
+"""Tabulate training runs side by side (Markdown): processes, batch, seed, seconds per epoch, best epoch, the
+selected epoch's validation and test figures, the reviews each was measured on and the peak GPU memory of every
+process, read from each run's ``metrics.json`` and ``config.yaml``.
 
     python scripts/compare_runs.py runs/1gpu-seed42 runs/2gpu-seed42
 """
@@ -28,6 +29,8 @@ def run_row(run_dir: Path) -> str:
         f"{metrics['valid_acc']:.4f}",
         f"{metrics['test_acc']:.4f}",
         f"{metrics['test_loss']:.4f}",
+        f"{metrics['sizes']['validation']:,} / {metrics['sizes']['test']:,}",
+        ", ".join(f"{gib:.2f}" for gib in (metrics.get("memory") or {}).get("peak_reserved_gib_per_process", [])),
     ]
     return "| " + " | ".join(cells) + " |"
 
@@ -36,8 +39,9 @@ def main(run_dirs: list[str]) -> None:
     """Print the table for the given run folders."""
     if not run_dirs:
         raise SystemExit("usage: python scripts/compare_runs.py RUN_DIR [RUN_DIR ...]")
-    print("| run | processes | global batch | seed | s/epoch | best epoch | valid acc | test acc | test loss |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| run | processes | global batch | seed | s/epoch | best epoch | valid acc | test acc | test loss | "
+          "reviews evaluated (valid / test) | peak reserved GiB per GPU |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for run_dir in run_dirs:
         print(run_row(Path(run_dir)))
 

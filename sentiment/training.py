@@ -539,6 +539,8 @@ def _metrics(
             "plan_seconds": plan.seconds,
             "plan_reserved_gib": plan.reserved_gib,
             "peak_reserved_gib": torch.cuda.max_memory_reserved(accelerator.device) / GiB,
+            # every process's own GPU, in process order (a collective: every process builds these metrics)
+            "peak_reserved_gib_per_process": gather_object([torch.cuda.max_memory_reserved(accelerator.device) / GiB]),
             "device": torch.cuda.get_device_name(accelerator.device),
         },
         "history": state["history"],

@@ -59,6 +59,9 @@ def test_compare_runs_tabulates_each_run(two_runs: list[Path]) -> None:
     assert len(lines) == 4 and lines[2].startswith("| lstm | 1 | 8 x 1 = 8 |")
     bilstm = json.loads((two_runs[1] / "metrics.json").read_text())
     assert f"{bilstm['test_acc']:.4f}" in lines[3]
+    sizes = bilstm["sizes"]
+    assert f"| {sizes['validation']:,} / {sizes['test']:,} |" in lines[3]  # the reviews each figure counts
+    assert lines[3].endswith("|  |")  # no GPU: no peak memory to show
 
 
 def test_results_table_from_a_manifest(two_runs: list[Path], tmp_path: Path) -> None:
