@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -168,21 +169,21 @@ def test_evaluate_saves_logits_that_scripts_ensemble_combines(
     accuracy and equal those the trainer saved in its run folder. scripts/ensemble.py over two runs holding such
     files tabulates both and their ensemble (here the same model twice: the ensemble scores as the model)."""
     best, _ = checkpoint
-    for name in ("a", "b"):
-        (tmp_path / name).mkdir()
-        for split in ("validation", "test"):
-            output, logits = tmp_path / f"{name}-{split}.json", tmp_path / name / f"{split}-logits.npz"
-            result = run_cli("evaluate", "--model", str(best), "--dataset", str(hub_imdb), "--split", split,
+    (tmp_path / "a").mkdir()
+    for split in ("validation", "test"):
+        output, logits = tmp_path / f"a-{split}.json", tmp_path / "a" / f"{split}-logits.npz"
+        result = run_cli("evaluate", "--model", str(best), "--dataset", str(hub_imdb), "--split", split,
                          "--output", str(output), "--logits", str(logits), "--device", "cpu")  # fmt: skip
-            assert result.returncode == 0, result.stderr
-            with np.load(logits) as saved:
-                assert saved["logits"].shape == saved["labels"].shape == (json.loads(output.read_text())["count"],)
-                accuracy = float(np.mean((saved["logits"] > 0) == saved["labels"]))
-            assert accuracy == pytest.approx(json.loads(output.read_text())["accuracy"], abs=1e-12)
-            with np.load(logits) as by_cli, np.load(best.parent / f"{split}-logits.npz") as by_trainer:
-                assert np.array_equal(by_cli["labels"], by_trainer["labels"])  # the same reviews, the same order
-                np.testing.assert_allclose(by_cli["logits"], by_trainer["logits"], rtol=1e-4, atol=1e-5)
+        assert result.returncode == 0, result.stderr
+        with np.load(logits) as saved:
+            assert saved["logits"].shape == saved["labels"].shape == (json.loads(output.read_text())["count"],)
+            accuracy = float(np.mean((saved["logits"] > 0) == saved["labels"]))
+        assert accuracy == pytest.approx(json.loads(output.read_text())["accuracy"], abs=1e-12)
+        with np.load(logits) as by_cli, np.load(best.parent / f"{split}-logits.npz") as by_trainer:
+            assert np.array_equal(by_cli["labels"], by_trainer["labels"])  # the same reviews, the same order
+            np.testing.assert_allclose(by_cli["logits"], by_trainer["logits"], rtol=1e-4, atol=1e-5)
     assert not list(tmp_path.glob("*/.*tmp*"))  # written through a temp file, nothing left beside
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # the same model's logits again: a second member
     table = tmp_path / "ensemble.json"
     result = subprocess.run(
         [sys.executable, "scripts/ensemble.py", str(tmp_path / "a"), str(tmp_path / "b"), "--output", str(table)],
