@@ -14,8 +14,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from sentiment import persistent
-from sentiment.persistent import persistent_layer, runs_here
+from sentiment.persistent import persistent_layer, preferred, runs_here
 
 RNN_INPUTS = ("auto", "packed", "padded", "fused", "persistent")
 POOLINGS = ("last", "max", "mean", "concat")
@@ -230,7 +229,7 @@ class LSTMClassifier(
         truncating = self.truncate_bptt > 0 and self.training
         if path == "auto":  # measured on an H100, an H200 and on 2 CPU cores (docs/benchmarks.md)
             path = "fused" if embedded.is_cuda else "padded"
-            if path == "fused" and not truncating and persistent.preferred(self.lstm.hidden_size, embedded.device):
+            if path == "fused" and not truncating and preferred(self.lstm.hidden_size, embedded.device):
                 path = "persistent"
         if truncating and path == "packed":
             raise ValueError(
@@ -347,26 +346,26 @@ class LSTMClassifier(
                 for index in (0, 4):  # weight_ih of each direction
                     weights[index] = torch.cat([weights[index], gate_column.to(weights[index].dtype)], dim=1)
             layer_input = self._lstm_outputs(layer_input, (zeros, zeros), weights, bidirectional)
-        rows_index = torch.arange(batch, device=embedded.device)
-        final = layer_input[rows_index, lengths - 1, :hidden_size]
-        if bidirectional:
-            final = torch.cat([final, layer_input[:, 0, hidden_size:]], dim=-1)
-        return layer_input, final
+        return layer_input, self._final_states(layer_input, lengths)
+
+    def _final_states(self, outputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The top layer's state after each review (B x T x D*H outputs, right-padded): the forward direction's at
+        the review's last token, the backward direction's at its first."""
+        hidden_size = self.lstm.hidden_size
+        rows = torch.arange(outputs.shape[0], device=outputs.device)
+        final = outputs[rows, lengths - 1, :hidden_size]
+        if self.lstm.bidirectional:
+            final = torch.cat([final, outputs[:, 0, hidden_size:]], dim=-1)
+        return final
 
     def _persistent_final(self, embedded: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = embedded.shape[0]
         lengths = lengths.to(embedded.device)
-        hidden_size = self.lstm.hidden_size
         layer_input = embedded
         for layer in range(self.lstm.num_layers):
             if layer > 0 and self.lstm.dropout > 0:
                 layer_input = F.dropout(layer_input, self.lstm.dropout, self.training)
             layer_input, _ = persistent_layer(layer_input, self._layer_weights(layer), lengths)
-        rows = torch.arange(batch, device=embedded.device)
-        final = layer_input[rows, lengths - 1, :hidden_size]
-        if self.lstm.bidirectional:
-            final = torch.cat([final, layer_input[:, 0, hidden_size:]], dim=-1)
-        return layer_input, final
+        return layer_input, self._final_states(layer_input, lengths)
 
     def _padded_final(self, embedded: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, steps, _ = embedded.shape
@@ -391,8 +390,4 @@ class LSTMClassifier(
             layer_input = torch.cat(outputs, dim=-1) if directions == 2 else outputs[0]
             if layer < self.lstm.num_layers - 1 and self.lstm.dropout > 0:
                 layer_input = F.dropout(layer_input, self.lstm.dropout, self.training)
-        rows = torch.arange(batch, device=embedded.device)
-        final = layer_input[rows, lengths - 1, :hidden_size]
-        if directions == 2:
-            final = torch.cat([final, layer_input[:, 0, hidden_size:]], dim=-1)
-        return layer_input, final
+        return layer_input, self._final_states(layer_input, lengths)

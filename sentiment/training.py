@@ -513,6 +513,8 @@ def _metrics(
 ) -> dict[str, Any]:
     """The run's metrics.json: the selected epoch's figures, the test figures, sizes, timing, memory, history."""
     best = state["history"][state["best_epoch"] - 1]
+    # every process's own GPU, in process order (a collective: every process builds these metrics)
+    peaks = None if plan is None else gather_object([torch.cuda.max_memory_reserved(accelerator.device) / GiB])
     return {
         "best_epoch": state["best_epoch"],
         "train_loss": best["train_loss"],
@@ -538,9 +540,8 @@ def _metrics(
             "eval_tokens": plan.eval_tokens,
             "plan_seconds": plan.seconds,
             "plan_reserved_gib": plan.reserved_gib,
-            "peak_reserved_gib": torch.cuda.max_memory_reserved(accelerator.device) / GiB,
-            # every process's own GPU, in process order (a collective: every process builds these metrics)
-            "peak_reserved_gib_per_process": gather_object([torch.cuda.max_memory_reserved(accelerator.device) / GiB]),
+            "peak_reserved_gib": peaks[accelerator.process_index],
+            "peak_reserved_gib_per_process": peaks,
             "device": torch.cuda.get_device_name(accelerator.device),
         },
         "history": state["history"],
