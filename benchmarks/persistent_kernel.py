@@ -1,6 +1,7 @@
 """One LSTM layer, forward and backward, on the persistent kernels against cuDNN, at the configs' shapes: time per
 sequential step and peak memory, with the matrix products around the kernels in TF32 (cuDNN's default) and in
-float32, and each kernel alone. Needs a CUDA GPU.
+float32, with each weights' format that fits (float32 or bfloat16 on the CUDA cores, bfloat16 on the tensor
+cores), and each kernel alone. Needs a CUDA GPU.
 
     python -m benchmarks.persistent_kernel --output benchmarks/results/h100/persistent-kernel.md
 """
@@ -8,7 +9,9 @@ float32, and each kernel alone. Needs a CUDA GPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -57,21 +60,26 @@ def measure(batch: int, steps: int, directions: int, hidden: int, features: int)
     def cudnn() -> torch.Tensor:
         return lstm_layers(x, (zeros, zeros), weights, train=True, bidirectional=directions == 2)[0]
 
-    def persistent() -> torch.Tensor:
+    def persistent_run() -> torch.Tensor:
         return persistent_layer(x, weights, lengths)[0]
 
     row: dict[str, float] = {}
     # The persistent path's products (input projection, weight gradients) at cuDNN's default precision (TF32), then
-    # in full float32 (cuDNN's RNNs told not to use TF32), to show what that precision costs.
-    runs = (
-        ("cuDNN", cudnn, True),
-        ("persistent", persistent, True),
-        ("persistent, float32 products", persistent, False),
-    )
-    for name, run, tf32 in runs:
+    # in full float32 (cuDNN's RNNs told not to use TF32), to show what that precision costs; then the kernels of
+    # each other weights' format that fits.
+    planned = persistent._plan(batch, directions, hidden, device)[1]
+    runs = [
+        ("cuDNN", cudnn, True, planned),
+        ("persistent", persistent_run, True, planned),
+        ("persistent, float32 products", persistent_run, False, planned),
+    ]
+    runs += [(f"persistent, {weights} weights", persistent_run, True, weights) for weights in fitting(hidden, device)]
+    for name, run, tf32, weights in runs:
+        if weights == planned and name.startswith("persistent,") and "products" not in name:
+            continue
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        with torch.backends.cudnn.flags(enabled=True, allow_tf32=tf32):
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=tf32), weights_format(weights):
             with torch.no_grad():
                 row[f"{name} forward ms"] = timed(run)
             row[f"{name} forward+backward ms"] = timed(lambda run=run: run().sum().backward())
@@ -82,33 +90,64 @@ def measure(batch: int, steps: int, directions: int, hidden: int, features: int)
     return row
 
 
+def fitting(hidden: int, device: torch.device) -> list[str]:
+    """The weights' formats whose kernels fit one block's shared memory at ``hidden`` (one review per block)."""
+    limit = persistent._shared_limit(device)
+    formats = [w for w in ("fp32", "bf16", "mma") if w != "bf16" or hidden % 2 == 0]
+    return [w for w in formats if persistent._shared_bytes(hidden, w, 1) <= limit]
+
+
+@contextlib.contextmanager
+def weights_format(weights: str) -> Iterator[None]:
+    """The persistent path's plan takes ``weights`` (if it fits) for the block."""
+    before = persistent.WEIGHT_FORMATS
+    persistent.WEIGHT_FORMATS = (weights,)
+    try:
+        yield
+    finally:
+        persistent.WEIGHT_FORMATS = before
+
+
 def kernels_alone(batch: int, steps: int, directions: int, hidden: int) -> dict[str, float]:
     """Microseconds per step of the forward and the backward kernel by themselves, on buffers made beforehand
-    (what the recurrence costs without PyTorch's matrix products, allocations and launch overhead around it): with
-    the plan's reviews per block, then with 1, 2 and 4 whatever the plan. A time per step that grows with the
-    reviews per block says the block's arithmetic bounds a step; a flat one, its latency."""
+    (what the recurrence costs without PyTorch's matrix products, allocations and launch overhead around it), for
+    each weights' format that fits, with 1, 2 and 4 reviews per block and the plan's. A time per step that grows
+    with the reviews per block says the block's arithmetic bounds a step; a flat one, its latency."""
     device = torch.device("cuda")
-    planned, fp32 = persistent._plan(batch, directions, hidden, device)
+    planned, planned_weights = persistent._plan(batch, directions, hidden, device)
     gx = torch.randn(batch, steps, directions, 4 * hidden, device=device)
-    words = persistent._weight_words(0.1 * torch.randn(directions, 4 * hidden, hidden, device=device), fp32)
+    w_hh = 0.1 * torch.randn(directions, 4 * hidden, hidden, device=device)
     lengths = torch.full((batch,), steps, device=device, dtype=torch.int32)
     zeros = torch.zeros(directions, batch, hidden, device=device)
     out = torch.zeros(batch, steps, directions, hidden, device=device)
     gates, grad_gates = torch.empty_like(gx), torch.zeros_like(gx)
     cells, grad_out = torch.empty_like(out), torch.randn_like(out)
     h_n, c_n, grad_h0, grad_c0 = (torch.empty_like(zeros) for _ in range(4))
-    forward_args = [gx, words, lengths, zeros, zeros, out, gates, cells, h_n, c_n, batch, steps, directions, 1]
-    backward_args = [grad_out, zeros, zeros, words, lengths, gates, cells, zeros, grad_gates, grad_h0, grad_c0,
-                     batch, steps, directions]  # fmt: skip
-    row: dict[str, float] = {"planned reviews per block": planned, "float32 W_hh": int(fp32)}
-    for reviews in sorted({planned, 1, 2, 4}):
-        if persistent._shared_bytes(hidden, fp32, reviews) > persistent._shared_limit(device):
-            continue
-        forward, backward, threads, shared = persistent._kernels(hidden, reviews, fp32, torch.cuda.current_device())
-        launch = {"grid": (-(-batch // reviews), directions, 1), "block": (threads, 1, 1), "shared_mem": shared}
-        for name, kernel, args in (("forward", forward, forward_args), ("backward", backward, backward_args)):
-            milliseconds = timed(lambda kernel=kernel, args=args, launch=launch: kernel(args=args, **launch))
-            row[f"{name} kernel us/step, {reviews} per block"] = 1000 * milliseconds / steps
+    bias, grad_bias = (
+        torch.zeros(directions, 4 * hidden, device=device),
+        torch.empty(directions, batch, 4 * hidden, device=device),
+    )
+    row: dict[str, float | str] = {"planned reviews per block": planned, "planned weights": planned_weights}
+    for weights in fitting(hidden, device):
+        words = persistent._weight_words(w_hh, weights)
+        backward_words = persistent._weight_words(w_hh, weights, backward=True)
+        forward_args = [gx, words, bias, lengths, zeros, zeros, out, gates, cells, h_n, c_n, batch, steps,
+                        directions, 1]  # fmt: skip
+        backward_args = [grad_out, zeros, zeros, backward_words, lengths, gates, cells, zeros, grad_gates, grad_bias,
+                         grad_h0, grad_c0, batch, steps, directions]  # fmt: skip
+        for reviews in sorted({planned, 1, 2, 4}):
+            if persistent._shared_bytes(hidden, weights, reviews) > persistent._shared_limit(device):
+                continue
+            forward, backward, layout = persistent._kernels(hidden, reviews, weights, torch.cuda.current_device())
+            grid = (-(-batch // reviews), directions, 1)
+            kernels = (
+                ("forward", forward, forward_args, layout.forward_threads, layout.forward_shared),
+                ("backward", backward, backward_args, layout.backward_threads, layout.backward_shared),
+            )
+            for name, kernel, args, threads, shared in kernels:
+                launch = {"grid": grid, "block": (threads, 1, 1), "shared_mem": shared, "args": args}
+                milliseconds = timed(lambda kernel=kernel, launch=launch: kernel(**launch))
+                row[f"{name} kernel us/step, {weights}, {reviews} per block"] = 1000 * milliseconds / steps
     return row
 
 
@@ -123,7 +162,8 @@ def main() -> None:
     columns = list(dict.fromkeys(key for row in rows.values() for key in row))
     lines += ["| shape | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, row in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{row[c]:.3g}" if c in row else "" for c in columns) + " |")
+        cells = (f"{row[c]:.3g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text("\n".join(lines) + "\n")
     args.output.with_suffix(".json").write_text(json.dumps({"device": device, "rows": rows}, indent=1))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import ctypes
 import functools
-import math
 import shutil
 import subprocess
 import warnings
@@ -106,12 +105,17 @@ def close(name: str, mine: torch.Tensor, reference: torch.Tensor, tolerance: flo
 
 @needs_cuda
 @pytest.mark.parametrize(
-    ("hidden", "bidirectional"),
-    [(16, False), (16, True), (75, False), (150, True)],  # 150: bfloat16 W_hh on an 80/141 GB card
-)
-def test_kernel_equals_packed_lstm(hidden: int, bidirectional: bool) -> None:
-    """Against the float64 reference with W_hh as the kernel holds it: float32 accumulation error only."""
-    pairs = run_both(hidden, bidirectional, round_to_bf16=hidden > 110)
+    ("hidden", "bidirectional", "weights"),
+    [(16, False, "fp32"), (16, True, "fp32"), (75, False, "fp32"), (16, True, "mma"), (75, False, "mma"),
+     (150, True, "mma"), (150, True, "bf16")],
+)  # fmt: skip
+def test_kernel_equals_packed_lstm(
+    monkeypatch: pytest.MonkeyPatch, hidden: int, bidirectional: bool, weights: str
+) -> None:
+    """Against the float64 reference with W_hh as the kernel holds it: float32 accumulation error only (the tensor
+    cores' operands split in two bfloat16 parts keep ~16 bits of the state and the gate gradients)."""
+    monkeypatch.setattr(persistent, "WEIGHT_FORMATS", (weights,))
+    pairs = run_both(hidden, bidirectional, round_to_bf16=weights != "fp32")
     assert pairs["outputs"][0].abs().sum() > 0 and pairs["grad weight_hh_l0"][0].abs().sum() > 0
     for name, (mine, theirs) in pairs.items():
         close(name, mine, theirs, 1e-5)
@@ -192,14 +196,12 @@ def test_products_around_the_kernel_follow_cudnns_tf32_switch() -> None:
         assert not persistent._cudnn_rnn_tf32()
     assert persistent._cudnn_rnn_tf32()
     torch.manual_seed(0)
-    x, weight, bias = (
-        torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in ((3, 5, 4), (6, 4), (6,))
-    )
-    mine = persistent._Projection.apply(x, weight, bias, True)
-    theirs = torch.nn.functional.linear(x, weight, bias)
+    x, weight = (torch.randn(*shape, dtype=torch.float64, requires_grad=True) for shape in ((3, 5, 4), (6, 4)))
+    mine = persistent._Projection.apply(x, weight, True)
+    theirs = torch.nn.functional.linear(x, weight)
     torch.testing.assert_close(mine, theirs)
     upstream = torch.randn_like(theirs)
-    grads = [torch.autograd.grad(out, (x, weight, bias), upstream) for out in (mine, theirs)]
+    grads = [torch.autograd.grad(out, (x, weight), upstream) for out in (mine, theirs)]
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)
     precision = torch.get_float32_matmul_precision()
@@ -238,13 +240,14 @@ def test_weight_gradient_products_in_slices_equal_one_product(positions: int) ->
 
 
 LAUNCHERS = r"""
-extern "C" void launch_forward(int gx, int gy, const float* a, const unsigned int* b, const int* c, const float* d,
-    const float* e, float* f, float* g, float* h, float* i, float* j, int B, int T, int D, int save) {
-  run_blocks(gx, gy, NT, [&] { lstm_forward(a, b, c, d, e, f, g, h, i, j, B, T, D, save); });
+extern "C" void launch_forward(int gx, int gy, const float* a, const W_TYPE* b, const float* bias, const int* c,
+    const float* d, const float* e, float* f, float* g, float* h, float* i, float* j, int B, int T, int D, int save) {
+  run_blocks(gx, gy, NTF, [&] { lstm_forward(a, b, bias, c, d, e, f, g, h, i, j, B, T, D, save); });
 }
-extern "C" void launch_backward(int gx, int gy, const float* a, const float* b, const float* c, const unsigned int* d,
-    const int* e, const float* f, const float* g, const float* h, float* i, float* j, float* k, int B, int T, int D) {
-  run_blocks(gx, gy, NT, [&] { lstm_backward(a, b, c, d, e, f, g, h, i, j, k, B, T, D); });
+extern "C" void launch_backward(int gx, int gy, const float* a, const float* b, const float* c, const W_TYPE* d,
+    const int* e, const float* f, const float* g, const float* h, float* i, float* bias, float* j, float* k, int B,
+    int T, int D) {
+  run_blocks(gx, gy, NTB, [&] { lstm_backward(a, b, c, d, e, f, g, h, i, bias, j, k, B, T, D); });
 }
 """
 
@@ -253,35 +256,37 @@ def cpu_kernels(build_dir: Path) -> Callable:
     """A stand-in for ``persistent._kernels`` that builds the same source for the CPU (see ``cuda_on_cpu.h``)."""
 
     @functools.cache
-    def kernels(hidden: int, reviews: int, fp32: bool, device_index: int) -> tuple:
-        threads = 32 * math.ceil(4 * hidden / 32)
-        defines = f"#define H {hidden}\n#define S {persistent._row_words(hidden, fp32)}\n#define R {reviews}\n"
-        defines += f"#define WFP32 {int(fp32)}\n#define NT {threads}\n"
-        source = build_dir / f"lstm_{hidden}_{reviews}_{int(fp32)}.cpp"
-        source.write_text('#include "cuda_on_cpu.h"\n' + defines + persistent._SOURCE + LAUNCHERS)
+    def kernels(hidden: int, reviews: int, weights: str, device_index: int) -> tuple:
+        layout = persistent._layout(hidden, reviews, weights)
+        # the kernels' weight pointer: 128-bit tiles for the tensor cores, 32-bit words for the CUDA cores
+        pointer = f"#define W_TYPE {'uint4' if weights == 'mma' else 'unsigned int'}\n"
+        source = build_dir / f"lstm_{hidden}_{reviews}_{weights}.cpp"
+        source.write_text('#include "cuda_on_cpu.h"\n' + layout.source + pointer + LAUNCHERS)
         library = source.with_suffix(".so")
         include = f"-I{Path(__file__).parent}"
         command = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", include, "-o", library, source, "-lpthread"]
         subprocess.run(command, check=True, capture_output=True)
         lib = ctypes.CDLL(str(library))
 
-        def launcher(function: Callable) -> Callable:
+        def launcher(function: Callable, outputs: slice) -> Callable:
             def launch(grid: tuple, block: tuple, shared_mem: int, args: list) -> None:
+                for output in args[outputs]:  # garbage, as fresh GPU memory may hold: the kernel writes every element
+                    output.fill_(float("nan"))
                 values = [ctypes.c_void_p(a.data_ptr()) if torch.is_tensor(a) else ctypes.c_int(a) for a in args]
                 function(ctypes.c_int(grid[0]), ctypes.c_int(grid[1]), *values)
 
             return launch
 
-        return launcher(lib.launch_forward), launcher(lib.launch_backward), threads, 0
+        return launcher(lib.launch_forward, slice(6, 11)), launcher(lib.launch_backward, slice(8, 12)), layout
 
     return kernels
 
 
-def kernels_on_cpu_threads(monkeypatch: pytest.MonkeyPatch, build_dir: Path, reviews: int, fp32: bool) -> None:
+def kernels_on_cpu_threads(monkeypatch: pytest.MonkeyPatch, build_dir: Path, reviews: int, weights: str) -> None:
     """Route the persistent path to the CPU build of its kernels, with this plan (reviews per block, weights)."""
     monkeypatch.setattr(persistent, "_kernels", cpu_kernels(build_dir))
     monkeypatch.setattr(persistent, "_index", lambda device: 0)
-    monkeypatch.setattr(persistent, "_plan", lambda batch, directions, hidden, device: (reviews, fp32))
+    monkeypatch.setattr(persistent, "_plan", lambda batch, directions, hidden, device: (reviews, weights))
     monkeypatch.setattr(persistent, "persistent_support", lambda hidden, device: None)
 
 
@@ -295,21 +300,22 @@ def compiles_cxx20() -> bool:
 
 @pytest.mark.skipif(not compiles_cxx20(), reason="needs g++ with C++20 (std::barrier)")
 @pytest.mark.parametrize(
-    ("bidirectional", "hidden", "layers", "reviews", "fp32"),
-    [(False, 5, 3, 1, True), (False, 75, 2, 2, True), (True, 6, 2, 2, False), (False, 6, 2, 3, False),
-     (True, 5, 1, 4, True)],
+    ("bidirectional", "hidden", "layers", "reviews", "weights"),
+    [(False, 5, 3, 1, "fp32"), (False, 75, 2, 2, "fp32"), (True, 6, 2, 2, "bf16"), (False, 6, 2, 3, "bf16"),
+     (True, 5, 1, 4, "fp32"), (True, 6, 2, 2, "mma"), (False, 5, 2, 3, "mma"), (True, 20, 2, 4, "mma"),
+     (False, 75, 1, 1, "mma")],
 )  # fmt: skip
 def test_kernel_source_on_cpu_threads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bidirectional: bool, hidden: int, layers: int, reviews: int,
-    fp32: bool,
+    weights: str,
 ) -> None:  # fmt: skip
-    """The CUDA source's forward and backward, run on CPU threads through the real autograd function, equal the
-    padded path (its W_hh rounded to bfloat16 where the kernel holds bfloat16): logits in training and evaluation,
-    and every gradient."""
-    kernels_on_cpu_threads(monkeypatch, tmp_path, reviews, fp32)
+    """The CUDA source's forward and backward, run on CPU threads through the real autograd function (the tensor
+    cores' mma.sync emulated per lane), equal the padded path (its W_hh rounded to bfloat16 where the kernel holds
+    bfloat16): logits in training and evaluation, and every gradient."""
+    kernels_on_cpu_threads(monkeypatch, tmp_path, reviews, weights)
     torch.manual_seed(0)
     padded = LSTMClassifier(50, 5, hidden, layers, bidirectional, dropout=0.0, rnn_input="padded").train()
-    if not fp32:
+    if weights != "fp32":
         with torch.no_grad():
             for name, weight in padded.lstm.named_parameters():
                 if name.startswith("weight_hh"):
@@ -337,7 +343,7 @@ def test_kernel_source_on_cpu_threads(
 def test_language_model_on_kernel_source_equals_torch_lstm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The language model on the persistent kernels (CPU build) gives torch.lstm's logits, carried state and
     gradients, from a given state, two layers."""
-    kernels_on_cpu_threads(monkeypatch, tmp_path, reviews=2, fp32=True)
+    kernels_on_cpu_threads(monkeypatch, tmp_path, reviews=2, weights="fp32")
     torch.manual_seed(0)
     usual = LSTMLanguageModel(40, 6, 7, n_layers=2, dropout=0.0).train()
     kernel = LSTMLanguageModel(40, 6, 7, n_layers=2, dropout=0.0, rnn_input="persistent").train()
@@ -360,17 +366,21 @@ def test_language_model_on_kernel_source_equals_torch_lstm(tmp_path: Path, monke
 
 
 def test_plan_fills_the_gpu_within_shared_memory(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Reviews per block fill one wave of blocks over the SMs (at most 4); W_hh is float32 where it fits, else
-    bfloat16 (even sizes only: an odd size takes fewer reviews per block); every plan compiles up front."""
+    """Reviews per block fill one wave of blocks over the SMs (at most 4); W_hh takes the first of the formats
+    that fits (float32, else bfloat16 on even sizes), with the reviews a wave wants if it can; every plan compiles
+    up front."""
     properties = type("Properties", (), {"multi_processor_count": 132, "shared_memory_per_block_optin": 232448})
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: properties)
     compiled = []
     monkeypatch.setattr(persistent, "_kernels", lambda *plan: compiled.append(plan))
     monkeypatch.setattr(persistent, "_index", lambda device: 0)
     gpu = torch.device("cuda", 0)
-    assert persistent._plan(64, 1, 75, gpu) == (1, True)  # lstm.yaml: 64 blocks, float32
-    assert persistent._plan(256, 1, 75, gpu) == (2, True)  # its evaluation batches
-    assert persistent._plan(128, 2, 150, gpu) == (2, False)  # bilstm.yaml: 128 blocks, bfloat16
-    assert persistent._plan(1024, 2, 150, gpu) == (4, False)
-    assert persistent._plan(1024, 1, 115, gpu) == (2, True)  # 3 reviews of float32 do not fit; odd: no bfloat16
+    assert persistent._plan(64, 1, 75, gpu) == (1, "fp32")  # lstm.yaml: 64 blocks, float32
+    assert persistent._plan(256, 1, 75, gpu) == (2, "fp32")  # its evaluation batches
+    assert persistent._plan(128, 2, 150, gpu) == (2, "bf16")  # bilstm.yaml: 128 blocks, bfloat16
+    assert persistent._plan(1024, 2, 150, gpu) == (4, "bf16")
+    assert persistent._plan(1024, 1, 115, gpu) == (2, "fp32")  # 3 reviews of float32 do not fit; odd: no bf16
+    monkeypatch.setattr(persistent, "WEIGHT_FORMATS", ("fp32", "mma"))  # tensor cores: any size, bfloat16
+    assert persistent._plan(128, 2, 150, gpu) == (2, "mma")
+    assert persistent._plan(1024, 1, 115, gpu) == (4, "mma")
     assert {(hidden, reviews) for hidden, reviews, _, _ in compiled} >= {(75, r) for r in range(1, 5)}
