@@ -956,6 +956,8 @@ def persistent_lstm(
     hidden = gate_rows // 4
     if w_hh.shape != (directions, gate_rows, hidden):
         raise ValueError(f"w_hh has shape {tuple(w_hh.shape)}, expected {(directions, gate_rows, hidden)}")
+    if bias is not None and bias.shape != (directions, gate_rows):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected {(directions, gate_rows)}")
     reason = persistent_support(hidden, gx.device)
     if reason is not None:
         raise RuntimeError(reason)
@@ -965,8 +967,6 @@ def persistent_lstm(
     h0, c0 = (s.float().contiguous() for s in state)
     lengths = lengths.to(device=gx.device, dtype=torch.int32).contiguous()
     bias = gx.new_zeros(directions, gate_rows, dtype=torch.float32) if bias is None else bias.float().contiguous()
-    if bias.shape != (directions, gate_rows):
-        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected {(directions, gate_rows)}")
     out, h_n, c_n = _PersistentLSTM.apply(gx.float().contiguous(), w_hh, bias, lengths, h0, c0)
     return out, (h_n, c_n)
 

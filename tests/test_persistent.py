@@ -188,6 +188,15 @@ def test_unsupported_device_falls_back_with_a_warning() -> None:
     assert build_config(overrides={"rnn_input": "persistent"}).rnn_input == "persistent"
 
 
+def test_weights_of_the_wrong_shape_are_refused_by_name() -> None:
+    """W_hh and the bias are checked against the gate inputs' shape before anything runs."""
+    gx, lengths = torch.zeros(3, 5, 2, 8), torch.tensor([5, 2, 1])
+    with pytest.raises(ValueError, match=r"w_hh has shape \(2, 8, 3\), expected \(2, 8, 2\)"):
+        persistent_lstm(gx, torch.zeros(2, 8, 3), lengths)
+    with pytest.raises(ValueError, match=r"bias has shape \(8,\), expected \(2, 8\)"):
+        persistent_lstm(gx, torch.zeros(2, 8, 2), lengths, bias=torch.zeros(8))
+
+
 def test_products_around_the_kernel_follow_cudnns_tf32_switch() -> None:
     """The input projection and the weight gradients run in TensorFloat-32 exactly when cuDNN's RNNs may (PyTorch's
     default), and the projection computes ``linear``'s values and gradients; the global setting is restored."""
