@@ -73,13 +73,13 @@ def measure(batch: int, steps: int, directions: int, hidden: int, features: int)
         ("persistent", persistent_run, True, planned),
         ("persistent, float32 products", persistent_run, False, planned),
     ]
-    runs += [(f"persistent, {weights} weights", persistent_run, True, weights) for weights in fitting(hidden, device)]
-    for name, run, tf32, weights in runs:
-        if weights == planned and name.startswith("persistent,") and "products" not in name:
+    runs += [(f"persistent, {w} weights", persistent_run, True, w) for w in fitting(hidden, device)]
+    for name, run, tf32, weights_format_name in runs:
+        if weights_format_name == planned and name.startswith("persistent,") and "products" not in name:
             continue
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        with torch.backends.cudnn.flags(enabled=True, allow_tf32=tf32), weights_format(weights):
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=tf32), weights_format(weights_format_name):
             with torch.no_grad():
                 row[f"{name} forward ms"] = timed(run)
             row[f"{name} forward+backward ms"] = timed(lambda run=run: run().sum().backward())

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from benchmarks.plain_loop import plain_loop
+from sentiment import persistent
 from sentiment.batching import EncodedSplit
 from sentiment.config import build_config
 from sentiment.prepare import MANIFEST, PreparedData
@@ -217,12 +218,13 @@ def section_train(
     plain: bool = True,
     keep_metrics: Path | None = None,
     budgets: list[float] | None = None,
+    label: str = "",
 ) -> None:
     """Each config: the plain loop (1 epoch; the report's models only), then each trainer path: the default one
     for every seed and the config's epochs, the others for the first seed and ``other_epochs`` epochs (0: the
     config's), then the default path under each memory budget of ``budgets`` (GiB, first seed). Every row
-    carries the plain loop's s/epoch from this call and the peak reserved GPU memory. ``prepared``: the folder
-    of each config."""
+    carries the plain loop's s/epoch from this call and the peak reserved GPU memory; ``label`` follows each
+    trainer row's path. ``prepared``: the folder of each config."""
     for name in configs:
         baseline = None
         if plain and name in PLAIN_LOOP_CONFIGS:
@@ -238,7 +240,7 @@ def section_train(
         runs += [("default", seeds[0], budget) for budget in budgets or []]
         for path, seed, budget in runs:
             epochs = {"epochs": other_epochs} if path != "default" and other_epochs else {}
-            shown = path if budget is None else f"{path}, {budget:g} GiB budget"
+            shown = (path if budget is None else f"{path}, {budget:g} GiB budget") + label
             try:
                 row = train_run(
                     prepared[name], CONFIGS[name], workdir, keep_metrics, budget, seed=seed, **PATHS[path], **epochs
@@ -358,8 +360,20 @@ def main() -> None:
     parser.add_argument("--sweep_file", default="configs/sweep_lstm.yaml")
     parser.add_argument("--sweep_count", type=int, default=14)
     parser.add_argument("--sweep_settings", default="1x2", help="GPUSxWORKERS,... (0 GPUs: CPU, no device pinning)")
+    parser.add_argument(
+        "--persistent_weights",
+        help="formats the persistent kernels' plan may take, in order (sentiment.persistent.WEIGHT_FORMATS), e.g. "
+        "fp32,mma for the tensor cores; the train rows' path names them",
+    )
     parser.add_argument("--output", default="benchmarks/results/suite")
     args = parser.parse_args()
+    label = ""
+    if args.persistent_weights:
+        formats = tuple(args.persistent_weights.split(","))
+        if set(formats) - {"fp32", "bf16", "mma"}:
+            parser.error(f"--persistent_weights {args.persistent_weights}: choose from fp32, bf16, mma")
+        persistent.WEIGHT_FORMATS = formats
+        label = f" (persistent weights {args.persistent_weights})"
     sections = args.sections.split(",")
     if set(sections) - {"prepare", "train", "growth", "predict", "sweep"}:
         parser.error(f"unknown section in {args.sections}; choose from prepare, train, growth, predict, sweep")
@@ -382,7 +396,7 @@ def main() -> None:
                 budgets = [float(budget) for budget in args.budgets.split(",") if budget]
                 section_train(
                     results, folders, Path(workdir), configs, seeds, paths,
-                    args.other_epochs, not args.skip_plain, args.keep_metrics, budgets,
+                    args.other_epochs, not args.skip_plain, args.keep_metrics, budgets, label,
                 )  # fmt: skip
             elif section == "sweep":
                 try:

@@ -88,3 +88,21 @@ def test_sweep_section_times_a_real_sweep(prepared: Path, tmp_path: Path) -> Non
     assert (row["GPUs"], row["workers"], row["trials"], row["complete"], row["failed"]) == (0, 1, 2, 2, 0)
     assert row["epochs"] == 2 and row["wall s"] > 0
     assert len(list((tmp_path / "sweep-0gpu-1w" / "trials").iterdir())) == 2
+
+
+def test_suite_refuses_an_unknown_persistent_weights_format(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--persistent_weights`` names the kernels' formats to try; a wrong one stops the suite before any run."""
+    import sys
+
+    from benchmarks import suite
+    from sentiment import persistent
+
+    monkeypatch.setattr(
+        sys, "argv", ["suite", "--sections", "train", "--prepared", "x", "--persistent_weights", "fp32,tf"]
+    )
+    with pytest.raises(SystemExit):
+        suite.main()
+    assert "--persistent_weights fp32,tf: choose from fp32, bf16, mma" in capsys.readouterr().err
+    assert persistent.WEIGHT_FORMATS == ("fp32", "bf16")
