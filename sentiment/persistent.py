@@ -398,12 +398,6 @@ extern "C" __global__ void __launch_bounds__(NTF, 1) lstm_forward(
   for (int i = tid; i < 8 * HBW; i += NTF) hb[i] = 0u;
   int len[R];
   const int steps = block_lengths(lengths, first, B, len);
-  int mine[2] = {0, 0};  // lengths of the reviews this lane finishes, 2t and 2t + 1
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    if (r == 2 * t) mine[0] = len[r];
-    if (r == 2 * t + 1) mine[1] = len[r];
-  }
   const bool cell_thread = tid < R * H;
   const int cr = tid / H, ck = tid - (tid / H) * H, cb = first + cr;
   const int cell_len = cell_thread && cb < B ? lengths[cb] : 0;
@@ -414,42 +408,44 @@ extern "C" __global__ void __launch_bounds__(NTF, 1) lstm_forward(
   }
   __syncthreads();
   if (cell_thread) put_split<HBW>((unsigned short*)hb, cr, ck, hv);
-  // x (the input projection) of the (tile, row half, review) values this lane finishes, a step ahead.
-  auto x_at = [&](int tt, int half, int p, int s) {
-    const int row = (tile0 + tt) * 16 + half * 8 + g, r = 2 * t + p;
-    return t < 2 && row < G && s < mine[p]
-        ? gx[(((size_t)(first + r) * T + position(d, mine[p], s)) * D + d) * G + row] : 0.f;
-  };
-  float x_next[2][2][2], row_bias[2][2];
+  // After a step's product each lane finishes one gate row of its warp's two tiles for every review, as a thread of
+  // the CUDA-core kernel does: the product's sums sit in 8 of the 32 lanes (R = 2), too few for the activations.
+  const int row = tile0 * 16 + lane;
+  const bool gate_lane = row < G;
+  const float row_bias = gate_lane ? bias[d * G + row] : 0.f;
+  float x_next[R];  // x W_ih^T of this row, a step ahead
 #pragma unroll
-  for (int i = 0; i < 8; ++i) x_next[i >> 2][(i >> 1) & 1][i & 1] = x_at(i >> 2, (i >> 1) & 1, i & 1, 0);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int row = (tile0 + (i >> 1)) * 16 + (i & 1) * 8 + g;
-    row_bias[i >> 1][i & 1] = row < G ? bias[d * G + row] : 0.f;
-  }
+  for (int r = 0; r < R; ++r)
+    x_next[r] = gate_lane && len[r] > 0
+        ? gx[(((size_t)(first + r) * T + position(d, len[r], 0)) * D + d) * G + row] : 0.f;
   __syncthreads();
   for (int s = 0; s < steps; ++s) {
-    float x[2][2][2];
+    float x[R];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      x[i >> 2][(i >> 1) & 1][i & 1] = x_next[i >> 2][(i >> 1) & 1][i & 1];
-      x_next[i >> 2][(i >> 1) & 1][i & 1] = x_at(i >> 2, (i >> 1) & 1, i & 1, s + 1);
+    for (int r = 0; r < R; ++r) {
+      x[r] = x_next[r];
+      x_next[r] = gate_lane && s + 1 < len[r]
+          ? gx[(((size_t)(first + r) * T + position(d, len[r], s + 1)) * D + d) * G + row] : 0.f;
     }
     float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
     tile_product<HBW, KTF>(acc[0], w, hb, tile0, 0, KTF, lane);
     if (tile0 + 1 < MTF) tile_product<HBW, KTF>(acc[1], w, hb, tile0 + 1, 0, KTF, lane);
-    if (t < 2) {
+    if (t < 2) {  // the sums into act, where the lane of each row picks them up
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         const int tt = i >> 2, half = (i >> 1) & 1, p = i & 1;
-        const int row = (tile0 + tt) * 16 + half * 8 + g, r = 2 * t + p;
-        if (row < G && r < R) {
-          float v = acc[tt][half * 2 + p] + x[tt][half][p] + row_bias[tt][half];
-          v = row / H == 2 ? tanhf(v) : sigmoid_(v);
-          act[r * G + row] = v;
-          if (save && s < mine[p]) gates[(((size_t)(first + r) * T + position(d, mine[p], s)) * D + d) * G + row] = v;
-        }
+        const int sum_row = (tile0 + tt) * 16 + half * 8 + g, r = 2 * t + p;
+        if (sum_row < G && r < R) act[r * G + sum_row] = acc[tt][half * 2 + p];
+      }
+    }
+    __syncwarp();
+    if (gate_lane) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        float v = act[r * G + row] + x[r] + row_bias;
+        v = row / H == 2 ? tanhf(v) : sigmoid_(v);
+        act[r * G + row] = v;
+        if (save && s < len[r]) gates[(((size_t)(first + r) * T + position(d, len[r], s)) * D + d) * G + row] = v;
       }
     }
     __syncthreads();

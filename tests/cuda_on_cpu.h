@@ -70,6 +70,8 @@ inline void mma_bf16(float* c, uint4 a, unsigned int b0, unsigned int b1) {
   warp_barrier->arrive_and_wait();
 }
 
+inline void __syncwarp() { warp_barrier->arrive_and_wait(); }
+
 inline float shfl_down(float v, int delta) {
   const int lane = threadIdx.x % 32;
   warp_exchange->value[lane] = v;
