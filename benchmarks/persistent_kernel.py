@@ -73,10 +73,8 @@ def measure(batch: int, steps: int, directions: int, hidden: int, features: int)
         ("persistent", persistent_run, True, planned),
         ("persistent, float32 products", persistent_run, False, planned),
     ]
-    runs += [(f"persistent, {w} weights", persistent_run, True, w) for w in fitting(hidden, device)]
+    runs += [(f"persistent, {w} weights", persistent_run, True, w) for w in fitting(hidden, device) if w != planned]
     for name, run, tf32, weights_format_name in runs:
-        if weights_format_name == planned and name.startswith("persistent,") and "products" not in name:
-            continue
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         with torch.backends.cudnn.flags(enabled=True, allow_tf32=tf32), weights_format(weights_format_name):
@@ -92,9 +90,7 @@ def measure(batch: int, steps: int, directions: int, hidden: int, features: int)
 
 def fitting(hidden: int, device: torch.device) -> list[str]:
     """The weights' formats whose kernels fit one block's shared memory at ``hidden`` (one review per block)."""
-    limit = persistent._shared_limit(device)
-    formats = [w for w in ("fp32", "bf16", "mma") if w != "bf16" or hidden % 2 == 0]
-    return [w for w in formats if persistent._shared_bytes(hidden, w, 1) <= limit]
+    return [w for w in ("fp32", "bf16", "mma") if persistent._fits(hidden, w, 1, device)]
 
 
 @contextlib.contextmanager
@@ -136,7 +132,7 @@ def kernels_alone(batch: int, steps: int, directions: int, hidden: int) -> dict[
         backward_args = [grad_out, zeros, zeros, backward_words, lengths, gates, cells, zeros, grad_gates, grad_bias,
                          grad_h0, grad_c0, batch, steps, directions]  # fmt: skip
         for reviews in sorted({planned, 1, 2, 4}):
-            if persistent._shared_bytes(hidden, weights, reviews) > persistent._shared_limit(device):
+            if not persistent._fits(hidden, weights, reviews, device):
                 continue
             forward, backward, layout = persistent._kernels(hidden, reviews, weights, torch.cuda.current_device())
             grid = (-(-batch // reviews), directions, 1)

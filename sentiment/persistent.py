@@ -69,6 +69,57 @@ __device__ __forceinline__ void zero_padding(float* tensor, int rows, int b, int
     for (int row = 0; row < rows; ++row) at[row * H] = 0.f;
   }
 }
+
+// A backward kernel's cell thread: unit k of review b in direction d, walking the review's steps from its last.
+struct BackwardCell {
+  struct Inputs { float grad, c, c_prev, i, f, g, o; };
+  int b, k, d, length, B, T, D;
+  float dh_next = 0.f, dc = 0.f;  // the gradients reaching h_t and c_t from step t + 1 (or the final state's)
+  float bias_sum[4] = {0.f, 0.f, 0.f, 0.f};  // this review's share of the bias gradient, gate by gate
+
+  // What step s reads from global memory (zeros outside the review), fetched a step ahead so that the loads
+  // overlap the step before.
+  __device__ __forceinline__ Inputs fetch(const float* grad_out, const float* gates, const float* cells,
+                                          const float* c0, int s) const {
+    Inputs in = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    if (s >= 0 && s < length) {
+      size_t base = ((size_t)b * T + position(d, length, s)) * D + d;
+      in.grad = grad_out[base * H + k];
+      in.c = cells[base * H + k];
+      in.c_prev = s > 0 ? cells[(((size_t)b * T + position(d, length, s - 1)) * D + d) * H + k]
+                        : c0[((size_t)d * B + b) * H + k];
+      const float* ga = gates + base * G;
+      in.i = ga[k]; in.f = ga[H + k]; in.g = ga[2 * H + k]; in.o = ga[3 * H + k];
+    }
+    return in;
+  }
+
+  // Step s: the four gate gradients (before the activations) into dgate, and into grad_gates at the step's position.
+  __device__ __forceinline__ void step(const Inputs& in, int s, float* grad_gates, float* dgate) {
+    float dh = in.grad + dh_next, tc = tanhf(in.c);
+    dc += dh * in.o * (1.f - tc * tc);
+    dgate[0] = dc * in.g * in.i * (1.f - in.i);
+    dgate[1] = dc * in.c_prev * in.f * (1.f - in.f);
+    dgate[2] = dc * in.i * (1.f - in.g * in.g);
+    dgate[3] = dh * tc * in.o * (1.f - in.o);
+    dc *= in.f;
+    float* out = grad_gates + (((size_t)b * T + position(d, length, s)) * D + d) * G + k;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      bias_sum[q] += dgate[q];
+      out[q * H] = dgate[q];
+    }
+  }
+
+  // After the first step: the gradients of the initial state and this review's bias shares, and zeros at padding.
+  __device__ __forceinline__ void finish(float* grad_gates, float* grad_bias, float* grad_h0, float* grad_c0) const {
+    grad_h0[((size_t)d * B + b) * H + k] = dh_next;
+    grad_c0[((size_t)d * B + b) * H + k] = dc;
+    zero_padding(grad_gates, 4, b, k, length, T, D, d);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) grad_bias[((size_t)d * B + b) * G + q * H + k] = bias_sum[q];
+  }
+};
 """
 
 # The kernels on the CUDA cores. Defines: S (32-bit words from one weight row to the next in shared memory, see
@@ -221,55 +272,24 @@ extern "C" __global__ void __launch_bounds__(NT, 1) lstm_backward(
   const int steps = block_lengths(lengths, first, B, len);
   const bool cell_thread = tid < R * H;
   const int cr = tid / H, ck = tid - (tid / H) * H, cb = first + cr;
-  const int cell_len = cell_thread && cb < B ? lengths[cb] : 0;
-  // dh: the gradient reaching h_t through the recurrence (from step t+1, or the final state's); dc likewise.
-  float dh_next = 0.f, dc = 0.f;
-  float bias_sum[4] = {0.f, 0.f, 0.f, 0.f};  // this review's share of the bias gradient, gate by gate
+  BackwardCell cell = {cb, ck, d, cell_thread && cb < B ? lengths[cb] : 0, B, T, D};
   if (cell_thread && cb < B) {
-    dh_next = grad_h_n[((size_t)d * B + cb) * H + ck];
-    dc = grad_c_n[((size_t)d * B + cb) * H + ck];
+    cell.dh_next = grad_h_n[((size_t)d * B + cb) * H + ck];
+    cell.dc = grad_c_n[((size_t)d * B + cb) * H + ck];
   }
-  // What a step reads from global memory, fetched one step ahead so that the loads overlap the step before.
-  struct Inputs { float grad, c, c_prev, i, f, g, o; };
-  auto fetch = [&](int s) {
-    Inputs in = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    if (s >= 0 && s < cell_len) {
-      size_t base = ((size_t)cb * T + position(d, cell_len, s)) * D + d;
-      in.grad = grad_out[base * H + ck];
-      in.c = cells[base * H + ck];
-      in.c_prev = s > 0 ? cells[(((size_t)cb * T + position(d, cell_len, s - 1)) * D + d) * H + ck]
-                        : c0[((size_t)d * B + cb) * H + ck];
-      const float* ga = gates + base * G;
-      in.i = ga[ck]; in.f = ga[H + ck]; in.g = ga[2 * H + ck]; in.o = ga[3 * H + ck];
-    }
-    return in;
-  };
-  Inputs next = fetch(steps - 1);
+  BackwardCell::Inputs next = cell.fetch(grad_out, gates, cells, c0, steps - 1);
 #if HQ > H
   for (int i = tid; i < R * 4 * (HQ - H); i += NT) dg[(i / (HQ - H)) * HQ + H + i % (HQ - H)] = 0.f;
 #endif
   __syncthreads();
   for (int s = steps - 1; s >= 0; --s) {
-    const Inputs in = next;
-    next = fetch(s - 1);
+    const BackwardCell::Inputs in = next;
+    next = cell.fetch(grad_out, gates, cells, c0, s - 1);
     if (cell_thread) {
-      float* dgr = dg + cr * 4 * HQ;
-      if (s < cell_len) {
-        size_t base = ((size_t)cb * T + position(d, cell_len, s)) * D + d;
-        float dh = in.grad + dh_next;
-        float i = in.i, f = in.f, g = in.g, o = in.o;
-        float tc = tanhf(in.c);
-        dc += dh * o * (1.f - tc * tc);
-        float di = dc * g * i * (1.f - i), df = dc * in.c_prev * f * (1.f - f);
-        float dgg = dc * i * (1.f - g * g), dout = dh * tc * o * (1.f - o);
-        dc *= f;
-        bias_sum[0] += di; bias_sum[1] += df; bias_sum[2] += dgg; bias_sum[3] += dout;
-        dgr[ck] = di; dgr[HQ + ck] = df; dgr[2 * HQ + ck] = dgg; dgr[3 * HQ + ck] = dout;
-        float* gg = grad_gates + base * G;
-        gg[ck] = di; gg[H + ck] = df; gg[2 * H + ck] = dgg; gg[3 * H + ck] = dout;
-      } else {
-        dgr[ck] = 0.f; dgr[HQ + ck] = 0.f; dgr[2 * HQ + ck] = 0.f; dgr[3 * HQ + ck] = 0.f;
-      }
+      float dgate[4] = {0.f, 0.f, 0.f, 0.f};
+      if (s < cell.length) cell.step(in, s, grad_gates, dgate);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) dg[(cr * 4 + q) * HQ + ck] = dgate[q];
     }
     __syncthreads();
     if (tid < PARTS * CQ) {  // thread (q, cq): rows RP q % 4 .. of gate q / 4, columns 4 cq .. 4 cq + 3
@@ -309,20 +329,14 @@ extern "C" __global__ void __launch_bounds__(NT, 1) lstm_backward(
           if (4 * cq + c < H) part[(q * R + r) * H + 4 * cq + c] = acc[r][c];
     }
     __syncthreads();
-    if (s < cell_len) {
+    if (s < cell.length) {
       float sum = 0.f;
 #pragma unroll
       for (int q = 0; q < PARTS; ++q) sum += part[(q * R + cr) * H + ck];
-      dh_next = sum;
+      cell.dh_next = sum;
     }
   }
-  if (cell_thread && cb < B) {
-    grad_h0[((size_t)d * B + cb) * H + ck] = dh_next;
-    grad_c0[((size_t)d * B + cb) * H + ck] = dc;
-    zero_padding(grad_gates, 4, cb, ck, cell_len, T, D, d);
-#pragma unroll
-    for (int q = 0; q < 4; ++q) grad_bias[((size_t)d * B + cb) * G + q * H + ck] = bias_sum[q];
-  }
+  if (cell_thread && cb < B) cell.finish(grad_gates, grad_bias, grad_h0, grad_c0);
 }
 """
 
@@ -486,53 +500,21 @@ extern "C" __global__ void __launch_bounds__(NTB, 1) lstm_backward(
   const int steps = block_lengths(lengths, first, B, len);
   const bool cell_thread = tid < R * H;
   const int cr = tid / H, ck = tid - (tid / H) * H, cb = first + cr;
-  const int cell_len = cell_thread && cb < B ? lengths[cb] : 0;
-  float dh_next = 0.f, dc = 0.f;
-  float bias_sum[4] = {0.f, 0.f, 0.f, 0.f};  // this review's share of the bias gradient, gate by gate
+  BackwardCell cell = {cb, ck, d, cell_thread && cb < B ? lengths[cb] : 0, B, T, D};
   if (cell_thread && cb < B) {
-    dh_next = grad_h_n[((size_t)d * B + cb) * H + ck];
-    dc = grad_c_n[((size_t)d * B + cb) * H + ck];
+    cell.dh_next = grad_h_n[((size_t)d * B + cb) * H + ck];
+    cell.dc = grad_c_n[((size_t)d * B + cb) * H + ck];
   }
-  struct Inputs { float grad, c, c_prev, i, f, g, o; };
-  auto fetch = [&](int s) {
-    Inputs in = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    if (s >= 0 && s < cell_len) {
-      size_t base = ((size_t)cb * T + position(d, cell_len, s)) * D + d;
-      in.grad = grad_out[base * H + ck];
-      in.c = cells[base * H + ck];
-      in.c_prev = s > 0 ? cells[(((size_t)cb * T + position(d, cell_len, s - 1)) * D + d) * H + ck]
-                        : c0[((size_t)d * B + cb) * H + ck];
-      const float* ga = gates + base * G;
-      in.i = ga[ck]; in.f = ga[H + ck]; in.g = ga[2 * H + ck]; in.o = ga[3 * H + ck];
-    }
-    return in;
-  };
-  Inputs next = fetch(steps - 1);
+  BackwardCell::Inputs next = cell.fetch(grad_out, gates, cells, c0, steps - 1);
   __syncthreads();
   for (int s = steps - 1; s >= 0; --s) {
-    const Inputs in = next;
-    next = fetch(s - 1);
+    const BackwardCell::Inputs in = next;
+    next = cell.fetch(grad_out, gates, cells, c0, s - 1);
     if (cell_thread) {
-      float di = 0.f, df = 0.f, dgg = 0.f, dout = 0.f;
-      if (s < cell_len) {
-        float dh = in.grad + dh_next;
-        float i = in.i, f = in.f, gg = in.g, o = in.o;
-        float tc = tanhf(in.c);
-        dc += dh * o * (1.f - tc * tc);
-        di = dc * gg * i * (1.f - i);
-        df = dc * in.c_prev * f * (1.f - f);
-        dgg = dc * i * (1.f - gg * gg);
-        dout = dh * tc * o * (1.f - o);
-        dc *= f;
-        bias_sum[0] += di; bias_sum[1] += df; bias_sum[2] += dgg; bias_sum[3] += dout;
-        float* out_g = grad_gates + (((size_t)cb * T + position(d, cell_len, s)) * D + d) * G;
-        out_g[ck] = di; out_g[H + ck] = df; out_g[2 * H + ck] = dgg; out_g[3 * H + ck] = dout;
-      }
-      unsigned short* operand = (unsigned short*)gb;
-      put_split<DBW>(operand, cr, ck, di);
-      put_split<DBW>(operand, cr, H + ck, df);
-      put_split<DBW>(operand, cr, 2 * H + ck, dgg);
-      put_split<DBW>(operand, cr, 3 * H + ck, dout);
+      float dgate[4] = {0.f, 0.f, 0.f, 0.f};
+      if (s < cell.length) cell.step(in, s, grad_gates, dgate);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) put_split<DBW>((unsigned short*)gb, cr, q * H + ck, dgate[q]);
     }
     __syncthreads();
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
@@ -545,20 +527,14 @@ extern "C" __global__ void __launch_bounds__(NTB, 1) lstm_backward(
       }
     }
     __syncthreads();
-    if (s < cell_len) {
+    if (s < cell.length) {
       float sum = 0.f;
 #pragma unroll
       for (int q = 0; q < KS; ++q) sum += part[(q * R + cr) * (16 * MTB) + ck];
-      dh_next = sum;
+      cell.dh_next = sum;
     }
   }
-  if (cell_thread && cb < B) {
-    grad_h0[((size_t)d * B + cb) * H + ck] = dh_next;
-    grad_c0[((size_t)d * B + cb) * H + ck] = dc;
-    zero_padding(grad_gates, 4, cb, ck, cell_len, T, D, d);
-#pragma unroll
-    for (int q = 0; q < 4; ++q) grad_bias[((size_t)d * B + cb) * G + q * H + ck] = bias_sum[q];
-  }
+  if (cell_thread && cb < B) cell.finish(grad_gates, grad_bias, grad_h0, grad_c0);
 }
 """
 
@@ -741,13 +717,15 @@ def _index(device: torch.device) -> int:
 WEIGHT_FORMATS = ("fp32", "bf16")
 
 
+def _fits(hidden: int, weights: str, reviews: int, device: torch.device) -> bool:
+    """Whether the kernels of format ``weights`` run ``reviews`` per block in one block's shared memory (bfloat16
+    pairs on the CUDA cores need an even hidden size)."""
+    return (weights != "bf16" or hidden % 2 == 0) and _shared_bytes(hidden, weights, reviews) <= _shared_limit(device)
+
+
 def _weights(hidden: int, reviews: int, device: torch.device) -> str | None:
     """The first of :data:`WEIGHT_FORMATS` whose kernels fit shared memory with ``reviews`` per block, or None."""
-    limit = _shared_limit(device)
-    for weights in WEIGHT_FORMATS:
-        if (weights != "bf16" or hidden % 2 == 0) and _shared_bytes(hidden, weights, reviews) <= limit:
-            return weights
-    return None
+    return next((weights for weights in WEIGHT_FORMATS if _fits(hidden, weights, reviews, device)), None)
 
 
 def _plan(batch: int, directions: int, hidden: int, device: torch.device) -> tuple[int, str]:
