@@ -88,9 +88,11 @@ def measure(batch: int, steps: int, directions: int, hidden: int, features: int)
     return row
 
 
-def fitting(hidden: int, device: torch.device) -> list[str]:
-    """The weights' formats whose kernels fit one block's shared memory at ``hidden`` (one review per block)."""
-    return [w for w in ("fp32", "bf16", "mma") if persistent._fits(hidden, w, 1, device)]
+def fitting(hidden: int, device: torch.device, pairs: bool = True) -> list[str]:
+    """The weights' formats whose kernels fit one block's shared memory at ``hidden`` (one review per block);
+    without ``pairs``, only the formats that run both kernels."""
+    formats = [w for w in persistent.FORMATS if pairs or "+" not in w]
+    return [w for w in formats if persistent._fits(hidden, w, 1, device)]
 
 
 @contextlib.contextmanager
@@ -124,7 +126,7 @@ def kernels_alone(batch: int, steps: int, directions: int, hidden: int) -> dict[
         torch.empty(directions, batch, 4 * hidden, device=device),
     )
     row: dict[str, float | str] = {"planned reviews per block": planned, "planned weights": planned_weights}
-    for weights in fitting(hidden, device):
+    for weights in fitting(hidden, device, pairs=False):  # a pair's kernels are timed under each of its formats
         words = persistent._weight_words(w_hh, weights)
         backward_words = persistent._weight_words(w_hh, weights, backward=True)
         forward_args = [gx, words, bias, lengths, zeros, zeros, out, gates, cells, h_n, c_n, batch, steps,

@@ -370,8 +370,9 @@ def main() -> None:
     label = ""
     if args.persistent_weights:
         formats = tuple(args.persistent_weights.split(","))
-        if set(formats) - {"fp32", "bf16", "mma"}:
-            parser.error(f"--persistent_weights {args.persistent_weights}: choose from fp32, bf16, mma")
+        if set(formats) - set(persistent.FORMATS):
+            choices = ", ".join(persistent.FORMATS)
+            parser.error(f"--persistent_weights {args.persistent_weights}: choose from {choices}")
         persistent.WEIGHT_FORMATS = formats
         label = f" (persistent weights {args.persistent_weights})"
     sections = args.sections.split(",")

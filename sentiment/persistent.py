@@ -12,7 +12,8 @@ before the recurrence, and the weight gradients after it.
 ~110 on H100/H200), else in bfloat16 (even sizes up to ~158); a step's product runs on the CUDA cores, a thread per
 gate row. A second pair of kernels runs it on the tensor cores (``mma.sync``, bfloat16 ``W_hh``, any size up to
 ~160) with the state split into two bfloat16 parts so that it keeps ~16 bits (:data:`_MMA_SOURCE`,
-:data:`WEIGHT_FORMATS`). The gates, the cell state and all accumulation are float32 in every kernel. Larger hidden
+:data:`WEIGHT_FORMATS`); a forward kernel of one pair may run with the backward kernel of the other, as both
+save the same activations. The gates, the cell state and all accumulation are float32 in every kernel. Larger hidden
 sizes, other GPUs and the CPU use cuDNN / PyTorch (:func:`persistent_support` says why).
 
 The kernels are CUDA C++ compiled at run time with NVRTC, which PyTorch's CUDA wheels ship, so no CUDA toolkit is
@@ -601,10 +602,17 @@ def _layout(hidden: int, reviews: int, weights: str) -> _Layout:
     return _Layout(defines + _COMMON_SOURCE + _SCALAR_SOURCE, threads, threads, shared, shared)
 
 
+def _pair(weights: str) -> tuple[str, str]:
+    """A plan's weights' format as (the forward kernel's, the backward kernel's): "bf16+mma" runs the forward on the
+    CUDA cores and the backward on the tensor cores; a single name runs both kernels of that format."""
+    forward, _, backward = weights.partition("+")
+    return forward, backward or forward
+
+
 def _shared_bytes(hidden: int, weights: str, reviews: int) -> int:
     """Shared memory of the larger of the two kernels."""
-    layout = _layout(hidden, reviews, weights)
-    return max(layout.forward_shared, layout.backward_shared)
+    forward, backward = _pair(weights)
+    return max(_layout(hidden, reviews, forward).forward_shared, _layout(hidden, reviews, backward).backward_shared)
 
 
 def _shared_limit(device: torch.device) -> int:
@@ -710,17 +718,21 @@ def _index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-# The weights' formats in the order the plan takes them, the first that fits shared memory: "fp32" (float32 on the
-# CUDA cores), else "bf16" (bfloat16 on the CUDA cores). "mma" (bfloat16 on the tensor cores) runs the same function
-# (the tests check it against nn.LSTM, on CPU threads and on the GPU); it takes bf16's place once measured faster on
-# a GPU (python -m benchmarks.persistent_kernel measures every format).
+# Every weights' format: "fp32" (float32 on the CUDA cores), "bf16" (bfloat16 on the CUDA cores), "mma" (bfloat16
+# on the tensor cores), and a forward of one with the backward of another ("bf16+mma", see _pair).
+FORMATS = ("fp32", "bf16", "mma", "fp32+mma", "bf16+mma")
+
+# The formats in the order the plan takes them, the first that fits shared memory: "fp32", else "bf16". The others
+# run the same function (the tests check each against nn.LSTM, on CPU threads and on the GPU); one takes bf16's place
+# once measured faster on a GPU (python -m benchmarks.persistent_kernel measures every format).
 WEIGHT_FORMATS = ("fp32", "bf16")
 
 
 def _fits(hidden: int, weights: str, reviews: int, device: torch.device) -> bool:
     """Whether the kernels of format ``weights`` run ``reviews`` per block in one block's shared memory (bfloat16
     pairs on the CUDA cores need an even hidden size)."""
-    return (weights != "bf16" or hidden % 2 == 0) and _shared_bytes(hidden, weights, reviews) <= _shared_limit(device)
+    even = hidden % 2 == 0 or "bf16" not in _pair(weights)
+    return even and _shared_bytes(hidden, weights, reviews) <= _shared_limit(device)
 
 
 def _weights(hidden: int, reviews: int, device: torch.device) -> str | None:
@@ -736,8 +748,8 @@ def _plan(batch: int, directions: int, hidden: int, device: torch.device) -> tup
     index = _index(device)
     for reviews in range(1, MAX_REVIEWS_PER_BLOCK + 1):
         weights = _weights(hidden, reviews, device)
-        if weights is not None:
-            _kernels(hidden, reviews, weights, index)
+        for part in set(_pair(weights)) if weights is not None else ():
+            _kernels(hidden, reviews, part, index)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     reviews = max(1, min(MAX_REVIEWS_PER_BLOCK, math.ceil(batch * directions / sms)))
     while reviews > 1 and _weights(hidden, reviews, device) is None:
@@ -828,9 +840,10 @@ class _PersistentLSTM(torch.autograd.Function):
         batch, steps, directions, gate_rows = gx.shape
         hidden = gate_rows // 4
         reviews, weights = _plan(batch, directions, hidden, gx.device)
-        forward, _, layout = _kernels(hidden, reviews, weights, _index(gx.device))
+        forward_format, backward_format = _pair(weights)
+        forward, _, layout = _kernels(hidden, reviews, forward_format, _index(gx.device))
         save = any(ctx.needs_input_grad)  # False under no_grad: evaluation stores nothing for backward
-        words = _weight_words(w_hh, weights)
+        words = _weight_words(w_hh, forward_format)
         out = gx.new_empty(batch, steps, directions, hidden)  # the kernel writes every element
         gates = gx.new_empty(batch, steps, directions, gate_rows) if save else gx.new_empty(1)
         cells = gx.new_empty(batch, steps, directions, hidden) if save else gx.new_empty(1)
@@ -842,9 +855,10 @@ class _PersistentLSTM(torch.autograd.Function):
                   int(save)],
         )  # fmt: skip
         if save:
-            backward_words = _weight_words(w_hh, weights, backward=True) if weights == "mma" else words
+            same_words = backward_format == forward_format != "mma"
+            backward_words = words if same_words else _weight_words(w_hh, backward_format, backward=True)
             ctx.save_for_backward(backward_words, lengths, h0, c0, out, gates, cells)
-            ctx.plan = reviews, weights
+            ctx.plan = reviews, backward_format
             ctx.tf32 = _cudnn_rnn_tf32()  # the weight gradient's product, at the forward's precision
         return out, h_n, c_n
 
@@ -857,8 +871,8 @@ class _PersistentLSTM(torch.autograd.Function):
     ) -> tuple[torch.Tensor | None, ...]:
         words, lengths, h0, c0, out, gates, cells = ctx.saved_tensors
         batch, steps, directions, hidden = out.shape
-        reviews, weights = ctx.plan
-        _, backward, layout = _kernels(hidden, reviews, weights, _index(out.device))
+        reviews, backward_format = ctx.plan
+        _, backward, layout = _kernels(hidden, reviews, backward_format, _index(out.device))
         zeros = torch.zeros_like(h0)
         grad_out = out.new_zeros(out.shape) if grad_out is None else grad_out.float().contiguous()
         grad_h_n = zeros if grad_h_n is None else grad_h_n.float().contiguous()

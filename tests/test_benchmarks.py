@@ -104,5 +104,5 @@ def test_suite_refuses_an_unknown_persistent_weights_format(
     )
     with pytest.raises(SystemExit):
         suite.main()
-    assert "--persistent_weights fp32,tf: choose from fp32, bf16, mma" in capsys.readouterr().err
+    assert "--persistent_weights fp32,tf: choose from fp32, bf16, mma, fp32+mma, bf16+mma" in capsys.readouterr().err
     assert persistent.WEIGHT_FORMATS == ("fp32", "bf16")

@@ -107,7 +107,7 @@ def close(name: str, mine: torch.Tensor, reference: torch.Tensor, tolerance: flo
 @pytest.mark.parametrize(
     ("hidden", "bidirectional", "weights"),
     [(16, False, "fp32"), (16, True, "fp32"), (75, False, "fp32"), (16, True, "mma"), (75, False, "mma"),
-     (150, True, "mma"), (150, True, "bf16")],
+     (150, True, "mma"), (150, True, "bf16"), (150, True, "bf16+mma")],
 )  # fmt: skip
 def test_kernel_equals_packed_lstm(
     monkeypatch: pytest.MonkeyPatch, hidden: int, bidirectional: bool, weights: str
@@ -312,7 +312,7 @@ def compiles_cxx20() -> bool:
     ("bidirectional", "hidden", "layers", "reviews", "weights"),
     [(False, 5, 3, 1, "fp32"), (False, 75, 2, 2, "fp32"), (True, 6, 2, 2, "bf16"), (False, 6, 2, 3, "bf16"),
      (True, 5, 1, 4, "fp32"), (True, 6, 2, 2, "mma"), (False, 5, 2, 3, "mma"), (True, 20, 2, 4, "mma"),
-     (False, 75, 1, 1, "mma")],
+     (False, 75, 1, 1, "mma"), (True, 6, 2, 2, "bf16+mma")],
 )  # fmt: skip
 def test_kernel_source_on_cpu_threads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bidirectional: bool, hidden: int, layers: int, reviews: int,
@@ -392,4 +392,8 @@ def test_plan_fills_the_gpu_within_shared_memory(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(persistent, "WEIGHT_FORMATS", ("fp32", "mma"))  # tensor cores: any size, bfloat16
     assert persistent._plan(128, 2, 150, gpu) == (2, "mma")
     assert persistent._plan(1024, 1, 115, gpu) == (4, "mma")
+    monkeypatch.setattr(persistent, "WEIGHT_FORMATS", ("fp32", "bf16+mma"))  # a pair: bfloat16 needs an even size
+    assert persistent._plan(128, 2, 150, gpu) == (2, "bf16+mma")
+    assert persistent._plan(1024, 1, 115, gpu) == (2, "fp32")
+    assert {(150, 2, "bf16"), (150, 2, "mma")} <= {plan[:3] for plan in compiled}  # both kernels of the pair
     assert {(hidden, reviews) for hidden, reviews, _, _ in compiled} >= {(75, r) for r in range(1, 5)}
