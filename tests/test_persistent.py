@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import fnmatch
 import functools
 import shutil
 import subprocess
@@ -397,3 +398,19 @@ def test_plan_fills_the_gpu_within_shared_memory(monkeypatch: pytest.MonkeyPatch
     assert persistent._plan(1024, 1, 115, gpu) == (2, "fp32")
     assert {(150, 2, "bf16"), (150, 2, "mma")} <= {plan[:3] for plan in compiled}  # both kernels of the pair
     assert {(hidden, reviews) for hidden, reviews, _, _ in compiled} >= {(75, r) for r in range(1, 5)}
+
+
+def test_kernel_sources_are_package_data() -> None:
+    """Every file of ``sentiment/kernels/`` is named by pyproject's package data (a wheel without it could not
+    compile the kernels), and each kernel pair's source is the shared part and its own file after the defines."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    root = Path(persistent.__file__).parent
+    patterns = tomllib.loads((root.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    files = sorted(path.relative_to(root).as_posix() for path in (root / "kernels").iterdir())
+    assert files == ["kernels/lstm_common.cuh", "kernels/lstm_cuda_cores.cu", "kernels/lstm_tensor_cores.cu"]
+    assert all(any(fnmatch.fnmatch(name, pattern) for pattern in patterns["sentiment"]) for name in files)
+    common = (root / "kernels" / "lstm_common.cuh").read_text()
+    for weights, own in (("bf16", "lstm_cuda_cores.cu"), ("mma", "lstm_tensor_cores.cu")):
+        source = persistent._layout(16, 2, weights).source
+        assert source.startswith("#define H 16\n#define R 2\n")
+        assert source.endswith(common + (root / "kernels" / own).read_text())
