@@ -1,7 +1,8 @@
 """One LSTM layer, forward and backward, on the persistent kernels against cuDNN, at the configs' shapes: time per
 sequential step and peak memory, with the matrix products around the kernels in TF32 (cuDNN's default) and in
 float32, with each weights' format that fits (float32 or bfloat16 on the CUDA cores, bfloat16 on the tensor
-cores), and each kernel alone. Needs a CUDA GPU.
+cores, and a forward of one with the backward of another, ``persistent.FORMATS``), and each kernel alone. Needs a
+CUDA GPU.
 
     python -m benchmarks.persistent_kernel --output benchmarks/results/h100/persistent-kernel.md
 """
