@@ -54,6 +54,7 @@ PATHS = {  # the trainer's execution paths: config flags ("default": what the co
     "default": {},
     "whole batches": {"max_step_tokens": None},  # no batch split into groups of rows: more memory
     "groups of 64k tokens": {"max_step_tokens": 65536},  # half the default group: less memory
+    "groups of 256k tokens": {"max_step_tokens": 262144},  # twice the default group: fewer groups one after another
     "evaluation in 64k pieces": {"max_eval_tokens": 65536},  # less memory beside the graphs' pool
     "fused+graphs": {"rnn_input": "fused"},
     "fused": {"rnn_input": "fused", "cuda_graphs": False},
