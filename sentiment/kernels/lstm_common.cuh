@@ -38,6 +38,12 @@ struct BackwardCell {
   float dh_next = 0.f, dc = 0.f;  // the gradients reaching h_t and c_t from step t + 1 (or the final state's)
   float bias_sum[4] = {0.f, 0.f, 0.f, 0.f};  // this review's share of the bias gradient, gate by gate
 
+  // Before the last step: the gradients reaching the final state.
+  __device__ __forceinline__ void start(const float* grad_h_n, const float* grad_c_n) {
+    dh_next = grad_h_n[((size_t)d * B + b) * H + k];
+    dc = grad_c_n[((size_t)d * B + b) * H + k];
+  }
+
   // What step s reads from global memory (zeros outside the review), fetched a step ahead so that the loads
   // overlap the step before.
   __device__ __forceinline__ Inputs fetch(const float* grad_out, const float* gates, const float* cells,

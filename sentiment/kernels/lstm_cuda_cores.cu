@@ -150,10 +150,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) lstm_backward(
   const bool cell_thread = tid < R * H;
   const int cr = tid / H, ck = tid - (tid / H) * H, cb = first + cr;
   BackwardCell cell = {cb, ck, d, cell_thread && cb < B ? lengths[cb] : 0, B, T, D};
-  if (cell_thread && cb < B) {
-    cell.dh_next = grad_h_n[((size_t)d * B + cb) * H + ck];
-    cell.dc = grad_c_n[((size_t)d * B + cb) * H + ck];
-  }
+  if (cell_thread && cb < B) cell.start(grad_h_n, grad_c_n);
   BackwardCell::Inputs next = cell.fetch(grad_out, gates, cells, c0, steps - 1);
 #if HQ > H
   for (int i = tid; i < R * 4 * (HQ - H); i += NT) dg[(i / (HQ - H)) * HQ + H + i % (HQ - H)] = 0.f;
