@@ -1,8 +1,9 @@
 """One LSTM layer, forward and backward, on the persistent kernels against cuDNN, at the configs' shapes: time per
 sequential step and peak memory, with the matrix products around the kernels in TF32 (cuDNN's default) and in
 float32, with each weights' format that fits (float32 or bfloat16 on the CUDA cores, bfloat16 on the tensor
-cores, and a forward of one with the backward of another, ``persistent.FORMATS``), and each kernel alone. Needs a
-CUDA GPU.
+cores, and a forward of one with the backward of another, ``persistent.FORMATS``), and each kernel alone; and the
+LSTM config's stack of three layers a layer at a time against the stacked kernels (every layer in one launch) in
+each plan that fits. Needs a CUDA GPU.
 
     python -m benchmarks.persistent_kernel --output benchmarks/results/h100/persistent-kernel.md
 """
@@ -150,12 +151,71 @@ def kernels_alone(batch: int, steps: int, directions: int, hidden: int) -> dict[
     return row
 
 
+STACKS = {  # name: (reviews, steps, layers, hidden, input features)
+    "lstm.yaml's 3 layers (64 x 256, hidden 75)": (64, 256, 3, 75, 50),
+}
+
+
+def measure_stack(batch: int, steps: int, layers: int, hidden: int, features: int) -> dict[str, float | str]:
+    """A stack of unidirectional layers, forward and forward + backward: cuDNN (all layers in one call), the
+    persistent kernels a layer at a time, and the stacked kernels (every layer in one launch) in each plan that
+    fits (reviews per block, weights), with peak reserved memory."""
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    x = torch.randn(batch, steps, features, device=device, requires_grad=True)
+    lengths = torch.full((batch,), steps, device=device)
+    weights = []  # per layer: w_ih, w_hh, b_ih, b_hh
+    for layer in range(layers):
+        shapes = ((4 * hidden, features if layer == 0 else hidden), (4 * hidden, hidden), (4 * hidden,), (4 * hidden,))
+        weights.append([(0.1 * torch.randn(*shape, device=device)).requires_grad_() for shape in shapes])
+    zeros = torch.zeros(layers, batch, hidden, device=device)
+
+    def cudnn() -> torch.Tensor:
+        flat = [w for layer in weights for w in layer]
+        return lstm_layers(x, (zeros, zeros), flat, train=True, num_layers=layers)[0]
+
+    def layer_by_layer() -> torch.Tensor:
+        out = x
+        for layer in weights:
+            out = persistent_layer(out, layer, lengths)[0]
+        return out
+
+    def stacked() -> torch.Tensor:
+        return persistent.persistent_stack(x, weights, lengths)[0]
+
+    planned = persistent._stack_plan(batch, layers, hidden, device)
+    row: dict[str, float | str] = {"planned stack": f"{planned[0]} per block, {planned[1]}" if planned else "none"}
+    runs = [("cuDNN", cudnn, None), ("persistent, a launch per layer", layer_by_layer, None)]
+    for reviews in range(1, persistent.MAX_REVIEWS_PER_BLOCK + 1):
+        for weights_format in persistent.STACK_FORMATS:
+            layout = persistent._stack_layout(hidden, reviews, weights_format, layers)
+            if max(layout.forward_shared, layout.backward_shared) <= persistent._shared_limit(device):
+                runs.append((f"stacked, {reviews} per block, {weights_format}", stacked, (reviews, weights_format)))
+    before = persistent._stack_plan
+    for name, run, plan in runs:
+        if plan is not None:
+            persistent._stack_kernels(hidden, *plan, layers, torch.cuda.current_device())
+            persistent._stack_plan = lambda *args, plan=plan: plan
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            with torch.no_grad():
+                row[f"{name} forward ms"] = timed(run)
+            row[f"{name} forward+backward ms"] = timed(lambda run=run: run().sum().backward())
+        finally:
+            persistent._stack_plan = before
+        row[f"{name} peak reserved GiB"] = torch.cuda.max_memory_reserved() / 2**30
+        row[f"{name} us/step (fwd+bwd)"] = 1000 * row[f"{name} forward+backward ms"] / steps
+    return row
+
+
 def main() -> None:
     """Measure every shape and write Markdown + JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, required=True, help="Markdown report (JSON beside it)")
     args = parser.parse_args()
     rows = {name: measure(*shape) for name, shape in SHAPES.items()}
+    rows |= {name: measure_stack(*shape) for name, shape in STACKS.items()}
     device = torch.cuda.get_device_name()
     lines = [f"# Persistent LSTM kernel against cuDNN: {device}, torch {torch.__version__}", ""]
     columns = list(dict.fromkeys(key for row in rows.values() for key in row))

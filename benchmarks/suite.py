@@ -366,16 +366,25 @@ def main() -> None:
         help="formats the persistent kernels' plan may take, in order (sentiment.persistent.WEIGHT_FORMATS), e.g. "
         "fp32,mma for the tensor cores; the train rows' path names them",
     )
+    parser.add_argument(
+        "--persistent_stack",
+        action="store_true",
+        help="run a unidirectional model's layers in one launch of the stacked persistent kernels "
+        "(sentiment.persistent.STACK_LAYERS) where rnn_input is persistent; the train rows' path says so",
+    )
     parser.add_argument("--output", default="benchmarks/results/suite")
     args = parser.parse_args()
     label = ""
+    if args.persistent_stack:
+        persistent.STACK_LAYERS = True
+        label = " (layers stacked)"
     if args.persistent_weights:
         formats = tuple(args.persistent_weights.split(","))
         if set(formats) - set(persistent.FORMATS):
             choices = ", ".join(persistent.FORMATS)
             parser.error(f"--persistent_weights {args.persistent_weights}: choose from {choices}")
         persistent.WEIGHT_FORMATS = formats
-        label = f" (persistent weights {args.persistent_weights})"
+        label += f" (persistent weights {args.persistent_weights})"
     sections = args.sections.split(",")
     if set(sections) - {"prepare", "train", "growth", "predict", "sweep"}:
         parser.error(f"unknown section in {args.sections}; choose from prepare, train, growth, predict, sweep")

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
+from sentiment import persistent
 from sentiment.model import CheckpointError, LSTMClassifier, load_checkpoint, lstm_layers, unshare_storage
 from sentiment.persistent import persistent_layer, runs_here
 from sentiment.prepare import PreparedData
@@ -84,6 +85,12 @@ class LSTMLanguageModel(
         """What ``lstm_layers`` returns, layer by layer on the persistent kernels (every row runs all steps)."""
         batch, steps, _ = embedded.shape
         lengths = torch.full((batch,), steps, device=embedded.device, dtype=torch.int32)
+        layers = self.lstm.num_layers
+        if persistent.STACK_LAYERS and layers > 1 and persistent.stack_plan_exists(layers, self.lstm.hidden_size,
+                                                                                   embedded.device):  # fmt: skip
+            layer_weights = [weights[4 * layer : 4 * layer + 4] for layer in range(layers)]
+            dropout = self.lstm.dropout if self.training else 0.0
+            return persistent.persistent_stack(embedded, layer_weights, lengths, dropout, state)
         layer_input, finals = embedded, []
         for layer in range(self.lstm.num_layers):
             if layer > 0 and self.lstm.dropout > 0:

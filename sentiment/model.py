@@ -14,6 +14,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from sentiment import persistent
 from sentiment.persistent import persistent_layer, preferred, runs_here
 
 RNN_INPUTS = ("auto", "packed", "padded", "fused", "persistent")
@@ -360,6 +361,14 @@ class LSTMClassifier(
 
     def _persistent_final(self, embedded: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lengths = lengths.to(embedded.device)
+        layers = self.lstm.num_layers
+        stack = persistent.STACK_LAYERS and layers > 1 and not self.lstm.bidirectional
+        if stack and persistent.stack_plan_exists(layers, self.lstm.hidden_size, embedded.device):
+            # every layer in one launch, side by side (sentiment/kernels/lstm_stacked.cu)
+            weights = [self._layer_weights(layer) for layer in range(layers)]
+            dropout = self.lstm.dropout if self.training else 0.0
+            outputs, _ = persistent.persistent_stack(embedded, weights, lengths, dropout)
+            return outputs, self._final_states(outputs, lengths)
         layer_input = embedded
         for layer in range(self.lstm.num_layers):
             if layer > 0 and self.lstm.dropout > 0:

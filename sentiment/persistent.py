@@ -270,6 +270,76 @@ def _plan(batch: int, directions: int, hidden: int, device: torch.device) -> tup
     return reviews, _weights(hidden, reviews, device)
 
 
+# Stacks of unidirectional layers in one launch (``lstm_stacked.cu``): off until measured faster on a GPU than a
+# kernel per layer (python -m benchmarks.persistent_kernel measures both; the suite's --persistent_stack).
+STACK_LAYERS = False
+
+# The stacked kernels' formats, in the order the plan takes them (CUDA cores only).
+STACK_FORMATS = ("fp32", "bf16")
+
+
+@functools.cache
+def _stack_layout(hidden: int, reviews: int, weights: str, layers: int) -> _Layout:
+    """The stacked kernels for ``layers`` layers of ``hidden`` units, ``reviews`` per block, ``weights`` "fp32" or
+    "bf16": the CUDA-core kernels' defines and helpers, a row of [W_ih | W_hh] per gate row in shared memory (a
+    stride of 4 mod 8 words, as :func:`_row_words`), and per review the state [input | h] forwards, the gate
+    gradients and two sets of 16 parts (W_ih^T dg and W_hh^T dg) backwards; a word for the block's ticket."""
+    fp32 = weights == "fp32"
+    layout = _layout(hidden, reviews, weights)
+    quads = -(-(hidden if fp32 else hidden // 2) // 4)
+    stack_row = 8 * quads + 4
+    padded = quads * (4 if fp32 else 8)
+    threads = layout.forward_threads
+    defines = f"#define L {layers}\n#define SS {stack_row}\n"
+    gate_rows = 4 * hidden
+    forward_shared = 4 * (gate_rows * stack_row + reviews * 2 * padded + reviews * gate_rows + 4)
+    backward_shared = 4 * (gate_rows * stack_row + reviews * 4 * 4 * -(-hidden // 4) + 2 * 16 * reviews * hidden + 4)
+    source = layout.source + defines + _source("lstm_stacked.cu")
+    return _Layout(source, threads, threads, forward_shared, backward_shared)
+
+
+@functools.cache
+def _stack_kernels(hidden: int, reviews: int, weights: str, layers: int, device_index: int) -> tuple:
+    """(forward, backward, layout) of the stacked kernels for one shape, compiled once per process."""
+    layout = _stack_layout(hidden, reviews, weights, layers)
+    kernels = _compile(layout.source, ("lstm_stack_forward", "lstm_stack_backward"), torch.device("cuda", device_index))
+    kernels["lstm_stack_forward"].set_shared_memory_config(max(layout.forward_shared, 48 * 1024))
+    kernels["lstm_stack_backward"].set_shared_memory_config(max(layout.backward_shared, 48 * 1024))
+    return kernels["lstm_stack_forward"], kernels["lstm_stack_backward"], layout
+
+
+def _resident_blocks(layout: _Layout, device: torch.device) -> int:
+    """Blocks of the stacked kernels an SM holds at once: by shared memory (1 KiB of it reserved per block), by
+    threads, and at most 2 (their launch bounds ask registers for 2)."""
+    properties = torch.cuda.get_device_properties(device)
+    per_sm = getattr(properties, "shared_memory_per_multiprocessor", _shared_limit(device) + 1024)
+    threads = getattr(properties, "max_threads_per_multi_processor", 2048)
+    shared = max(layout.forward_shared, layout.backward_shared) + 1024
+    return max(0, min(2, per_sm // shared, threads // layout.forward_threads))
+
+
+def _stack_plan(batch: int, layers: int, hidden: int, device: torch.device) -> tuple[int, str] | None:
+    """(reviews per block, weights' format) for a stack, or None where no format fits shared memory: the fewest
+    reviews per block whose blocks of every layer are resident at once (a wave: the layers then run side by
+    side), in the first of :data:`STACK_FORMATS` that fits; else the most reviews that fit. The first call for a
+    shape compiles every plan it could take, so that none compiles while a CUDA graph is being captured."""
+    limit, sms = _shared_limit(device), torch.cuda.get_device_properties(device).multi_processor_count
+    candidates = []
+    for reviews in range(1, MAX_REVIEWS_PER_BLOCK + 1):
+        for weights in STACK_FORMATS:
+            layout = _stack_layout(hidden, reviews, weights, layers)
+            even = hidden % 2 == 0 or weights == "fp32"
+            if even and max(layout.forward_shared, layout.backward_shared) <= limit:
+                candidates.append((reviews, weights, _resident_blocks(layout, device)))
+                break
+    if not candidates:
+        return None
+    for reviews, weights, _ in candidates:
+        _stack_kernels(hidden, reviews, weights, layers, _index(device))
+    waves = [(r, w) for r, w, resident in candidates if layers * math.ceil(batch / r) <= sms * resident]
+    return waves[0] if waves else candidates[-1][:2]
+
+
 def _cudnn_rnn_tf32() -> bool:
     """Whether cuDNN may run an RNN's float32 matrix products in TensorFloat-32 (torch 2.9 has a flag per
     operation; before it, one for all of cuDNN)."""
@@ -409,6 +479,104 @@ class _PersistentLSTM(torch.autograd.Function):
         return grad_gates, grad_w_hh, grad_bias.sum(1), None, grad_h0, grad_c0
 
 
+def _stack_words(w_ih: torch.Tensor, w_hh: torch.Tensor, weights: str) -> torch.Tensor:
+    """The stacked kernels' weights: per layer and gate row, [W_ih | W_hh] (zeros for the first layer's W_ih, whose
+    product comes precomputed) as float32 or bfloat16-pair words, L x 4H x 2H values."""
+    first = w_hh.new_zeros(1, *w_hh.shape[1:])
+    rows = torch.cat([torch.cat([first, w_ih.detach().to(w_hh.dtype)]), w_hh.detach()], dim=2)
+    return (rows.float() if weights == "fp32" else rows.to(torch.bfloat16)).contiguous().view(torch.int32)
+
+
+def _unwritten(*shape: int, like: torch.Tensor) -> torch.Tensor:
+    """A float32 tensor of the stacked kernels' handoff, every word the bit pattern they wait on (UNWRITTEN)."""
+    tensor = like.new_empty(*shape, dtype=torch.float32)
+    tensor.view(torch.int32).fill_(-1)
+    return tensor
+
+
+class _StackedLSTM(torch.autograd.Function):
+    """A stack of unidirectional LSTM layers on the stacked kernels: the layers run at once, each step of a layer as
+    soon as the layer below has its output (see ``lstm_stacked.cu``)."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        gx: torch.Tensor,
+        w_ih: torch.Tensor,
+        w_hh: torch.Tensor,
+        bias: torch.Tensor,
+        lengths: torch.Tensor,
+        masks: torch.Tensor,
+        h0: torch.Tensor,
+        c0: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch, steps, gate_rows = gx.shape
+        layers, hidden = w_hh.shape[0], gate_rows // 4
+        reviews, weights = _stack_plan(batch, layers, hidden, gx.device)
+        forward, _, layout = _stack_kernels(hidden, reviews, weights, layers, _index(gx.device))
+        save = any(ctx.needs_input_grad)
+        words = _stack_words(w_ih, w_hh, weights)
+        outs = _unwritten(layers, batch, steps, hidden, like=gx)  # the kernel writes every element
+        gates = gx.new_empty(layers, batch, steps, gate_rows) if save else gx.new_empty(1)
+        cells = gx.new_empty(layers, batch, steps, hidden) if save else gx.new_empty(1)
+        h_n, c_n = torch.empty_like(h0), torch.empty_like(c0)
+        counter = torch.zeros(1, dtype=torch.int32, device=gx.device)
+        masked = int(masks.numel() > 0)
+        forward(
+            grid=(math.ceil(batch / reviews) * layers, 1, 1), block=(layout.forward_threads, 1, 1),
+            shared_mem=layout.forward_shared,
+            args=[gx, words, bias, lengths, h0, c0, masks, outs, gates, cells, h_n, c_n, counter, batch, steps,
+                  masked, int(save)],
+        )  # fmt: skip
+        if save:
+            ctx.save_for_backward(words, lengths, masks, h0, c0, outs, gates, cells)
+            ctx.plan = reviews, weights
+            ctx.tf32 = _cudnn_rnn_tf32()
+        return outs[-1], h_n, c_n
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx,
+        grad_out: torch.Tensor | None,
+        grad_h_n: torch.Tensor | None,
+        grad_c_n: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, ...]:
+        words, lengths, masks, h0, c0, outs, gates, cells = ctx.saved_tensors
+        layers, batch, steps, hidden = outs.shape
+        reviews, weights = ctx.plan
+        _, backward, layout = _stack_kernels(hidden, reviews, weights, layers, _index(outs.device))
+        zeros = torch.zeros_like(h0)
+        grad_out = outs.new_zeros(outs.shape[1:]) if grad_out is None else grad_out.float().contiguous()
+        grad_h_n = zeros if grad_h_n is None else grad_h_n.float().contiguous()
+        grad_c_n = zeros if grad_c_n is None else grad_c_n.float().contiguous()
+        grad_inputs = _unwritten(max(layers - 1, 1), batch, steps, hidden, like=outs)
+        grad_gates = torch.empty_like(gates)  # the kernel writes every element
+        grad_bias = gates.new_empty(layers, batch, 4 * hidden)  # per review, summed below
+        grad_h0, grad_c0 = torch.empty_like(h0), torch.empty_like(c0)
+        counter = torch.zeros(1, dtype=torch.int32, device=outs.device)
+        masked = int(masks.numel() > 0)
+        backward(
+            grid=(math.ceil(batch / reviews) * layers, 1, 1), block=(layout.backward_threads, 1, 1),
+            shared_mem=layout.backward_shared,
+            args=[grad_out, grad_h_n, grad_c_n, words, lengths, gates, cells, c0, masks, grad_inputs, grad_gates,
+                  grad_bias, grad_h0, grad_c0, counter, batch, steps, masked],
+        )  # fmt: skip
+        rows = grad_gates.view(layers, batch * steps, 4 * hidden)
+        grad_w_ih = grad_w_hh = None
+        with _matmul_precision(ctx.tf32):
+            if ctx.needs_input_grad[1]:  # sum over steps of dgates_t (x) the layer's input at t (dropout applied)
+                inputs = outs[:-1] * masks if masked else outs[:-1]
+                flat = inputs.reshape(layers - 1, batch * steps, hidden)
+                grad_w_ih = torch.stack([_outer_product_sum(rows[i + 1], flat[i]) for i in range(layers - 1)])
+            if ctx.needs_input_grad[2]:  # sum over steps of dgates_t (x) h_{t-1}
+                grad_w_hh = torch.stack([
+                    _outer_product_sum(rows[layer], _previous_states(outs[layer].unsqueeze(2), lengths,
+                                                                     h0[layer : layer + 1]).view(-1, hidden))
+                    for layer in range(layers)
+                ])  # fmt: skip
+        return grad_gates[0], grad_w_ih, grad_w_hh, grad_bias.sum(1), None, None, grad_h0, grad_c0
+
+
 def _outer_product_sum(a: torch.Tensor, b: torch.Tensor, most_chunks: int = 16) -> torch.Tensor:
     """``a^T b`` for ``a`` (N x M) and ``b`` (N x K) whose N (positions) is far larger than M x K (a weight
     matrix), as products over up to ``most_chunks`` slices of N summed after. One product over all N gives cuBLAS few
@@ -488,3 +656,42 @@ def persistent_layer(
     gx = _Projection.apply(layer_input, w_ih, _cudnn_rnn_tf32()).view(batch, steps, directions, -1)
     outputs, final = persistent_lstm(gx, torch.stack(weights[1::4]), lengths, state, bias)
     return outputs.view(batch, steps, -1), final
+
+
+def persistent_stack(
+    embedded: torch.Tensor,
+    weights: list[list[torch.Tensor]],
+    lengths: torch.Tensor,
+    dropout: float = 0.0,
+    state: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """A stack of unidirectional LSTM layers over ``embedded`` (B x T x features) in one launch of the stacked
+    kernels, under autograd: the first layer's input projections as one matrix product, the other layers' inside the
+    kernels. ``weights``: per layer ``w_ih, w_hh, b_ih, b_hh``; ``dropout``: the probability of zeroing each output
+    of a layer below the top before the next layer reads it (``nn.LSTM``'s, 0 in evaluation); ``state`` (h0, c0),
+    each L x B x H (zeros if None). Returns the top layer's outputs (B x T x H, zero at padding) and the final
+    (h, c) of every layer, each L x B x H. Call :func:`stack_plan_exists` first: not every size fits."""
+    batch, steps, _ = embedded.shape
+    layers, hidden = len(weights), weights[0][1].shape[1]
+    gx = _Projection.apply(embedded, weights[0][0], _cudnn_rnn_tf32()).view(batch, steps, 4 * hidden)
+    w_ih = torch.stack([layer[0] for layer in weights[1:]]) if layers > 1 else gx.new_zeros(0, 4 * hidden, hidden)
+    w_hh = torch.stack([layer[1] for layer in weights])
+    bias = torch.stack([layer[2] + layer[3] for layer in weights]).float().contiguous()
+    if dropout > 0 and layers > 1:
+        masks = torch.nn.functional.dropout(gx.new_ones(layers - 1, batch, steps, hidden), dropout)
+    else:
+        masks = gx.new_empty(0)
+    if state is None:
+        zeros = gx.new_zeros(layers, batch, hidden, dtype=torch.float32)
+        state = (zeros, zeros)
+    h0, c0 = (s.float().contiguous() for s in state)
+    lengths = lengths.to(device=gx.device, dtype=torch.int32).contiguous()
+    out, h_n, c_n = _StackedLSTM.apply(gx.float().contiguous(), w_ih, w_hh, bias, lengths, masks, h0, c0)
+    return out, (h_n, c_n)
+
+
+def stack_plan_exists(layers: int, hidden: int, device: torch.device) -> bool:
+    """Whether :func:`persistent_stack` runs ``layers`` layers of ``hidden`` units on ``device``: the persistent
+    kernels run there (:func:`persistent_support`) and a stacked plan fits shared memory (which compiles its
+    kernels, before any CUDA graph is captured)."""
+    return persistent_support(hidden, device) is None and _stack_plan(1, layers, hidden, device) is not None

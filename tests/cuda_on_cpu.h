@@ -1,6 +1,7 @@
 // Just enough of CUDA C++ to run a kernel's own source on the CPU, for tests without a GPU: one std::thread per
-// CUDA thread, a std::barrier for __syncthreads(), one block at a time (blocks are independent), and shared memory
-// filled with garbage before each block, as a GPU's would be. Vector loads abort on an address a GPU would fault on.
+// CUDA thread, a std::barrier for __syncthreads(), one block at a time in launch order (the stacked kernels' blocks
+// wait only for earlier ones), and shared memory filled with garbage before each block, as a GPU's would be. Vector
+// loads abort on an address a GPU would fault on.
 // Warp-wide operations (the tensor cores' mma.sync m16n8k16 and __shfl_down_sync) exchange the 32 lanes' registers
 // through memory between two barriers of the warp, and compute what the PTX manual says each lane receives.
 #define CPU_THREADS
@@ -29,6 +30,8 @@ alignas(16) unsigned int shared[64 * 1024];
 #define __launch_bounds__(...)
 #define __shared__
 #define __syncthreads() block_barrier->arrive_and_wait()
+// Only a block's thread 0 takes its ticket, and blocks run one at a time: a plain add is atomic here.
+inline int atomicAdd(int* address, int value) { int old = *address; *address += value; return old; }
 inline float __uint_as_float(unsigned int u) { float f; memcpy(&f, &u, 4); return f; }
 inline unsigned int __float_as_uint(float f) { unsigned int u; memcpy(&u, &f, 4); return u; }
 struct float2 { float x, y; };

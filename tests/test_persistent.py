@@ -28,7 +28,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from sentiment import persistent
+from sentiment import lm, persistent
+from sentiment import model as model_module
 from sentiment.batching import PadCollator, bucket_length
 from sentiment.config import build_config
 from sentiment.graphs import GraphedTrainStep, train_step
@@ -262,6 +263,23 @@ extern "C" void launch_backward(int gx, int gy, const float* a, const float* b, 
 """
 
 
+def build_for_cpu(stem: Path, source: str) -> ctypes.CDLL:
+    """A kernel's source built for the CPU threads of ``cuda_on_cpu.h`` as a shared library at ``stem``.so."""
+    path = stem.with_suffix(".cpp")
+    path.write_text('#include "cuda_on_cpu.h"\n' + source)
+    library = stem.with_suffix(".so")
+    command = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", f"-I{Path(__file__).parent}", "-o", library, path,
+               "-lpthread"]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True)
+    return ctypes.CDLL(str(library))
+
+
+def launch_on_cpu(function: Callable, grid: tuple, args: list) -> None:
+    """Call a launcher of the CPU build with a launch's grid and arguments (tensors as their data pointers)."""
+    values = [ctypes.c_void_p(a.data_ptr()) if torch.is_tensor(a) else ctypes.c_int(a) for a in args]
+    function(ctypes.c_int(grid[0]), ctypes.c_int(grid[1]), *values)
+
+
 def cpu_kernels(build_dir: Path) -> Callable:
     """A stand-in for ``persistent._kernels`` that builds the same source for the CPU (see ``cuda_on_cpu.h``)."""
 
@@ -270,20 +288,13 @@ def cpu_kernels(build_dir: Path) -> Callable:
         layout = persistent._layout(hidden, reviews, weights)
         # the kernels' weight pointer: 128-bit tiles for the tensor cores, 32-bit words for the CUDA cores
         pointer = f"#define W_TYPE {'uint4' if weights == 'mma' else 'unsigned int'}\n"
-        source = build_dir / f"lstm_{hidden}_{reviews}_{weights}.cpp"
-        source.write_text('#include "cuda_on_cpu.h"\n' + layout.source + pointer + LAUNCHERS)
-        library = source.with_suffix(".so")
-        include = f"-I{Path(__file__).parent}"
-        command = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", include, "-o", library, source, "-lpthread"]
-        subprocess.run(command, check=True, capture_output=True)
-        lib = ctypes.CDLL(str(library))
+        lib = build_for_cpu(build_dir / f"lstm_{hidden}_{reviews}_{weights}", layout.source + pointer + LAUNCHERS)
 
         def launcher(function: Callable, outputs: slice) -> Callable:
             def launch(grid: tuple, block: tuple, shared_mem: int, args: list) -> None:
                 for output in args[outputs]:  # garbage, as fresh GPU memory may hold: the kernel writes every element
                     output.fill_(float("nan"))
-                values = [ctypes.c_void_p(a.data_ptr()) if torch.is_tensor(a) else ctypes.c_int(a) for a in args]
-                function(ctypes.c_int(grid[0]), ctypes.c_int(grid[1]), *values)
+                launch_on_cpu(function, grid, args)
 
             return launch
 
@@ -297,6 +308,54 @@ def kernels_on_cpu_threads(monkeypatch: pytest.MonkeyPatch, build_dir: Path, rev
     monkeypatch.setattr(persistent, "_kernels", cpu_kernels(build_dir))
     monkeypatch.setattr(persistent, "_index", lambda device: 0)
     monkeypatch.setattr(persistent, "_plan", lambda batch, directions, hidden, device: (reviews, weights))
+    monkeypatch.setattr(persistent, "persistent_support", lambda hidden, device: None)
+
+
+STACK_LAUNCHERS = r"""
+extern "C" void launch_stack_forward(int gx, int gy, const float* a, const unsigned int* b, const float* c,
+    const int* d, const float* e, const float* f, const float* g, float* h, float* i, float* j, float* k, float* l,
+    int* counter, int B, int T, int masked, int save) {
+  run_blocks(gx, gy, NT, [&] { lstm_stack_forward(a, b, c, d, e, f, g, h, i, j, k, l, counter, B, T, masked, save); });
+}
+extern "C" void launch_stack_backward(int gx, int gy, const float* a, const float* b, const float* c,
+    const unsigned int* d, const int* e, const float* f, const float* g, const float* h, const float* i, float* j,
+    float* k, float* l, float* m, float* n, int* counter, int B, int T, int masked) {
+  run_blocks(gx, gy, NT, [&] {
+    lstm_stack_backward(a, b, c, d, e, f, g, h, i, j, k, l, m, n, counter, B, T, masked);
+  });
+}
+"""
+
+
+def cpu_stack_kernels(build_dir: Path) -> Callable:
+    """A stand-in for ``persistent._stack_kernels`` that builds the same source for the CPU. Blocks run one at a
+    time in launch order, so every word a block waits for is already written (the CPU build aborts if not)."""
+
+    @functools.cache
+    def kernels(hidden: int, reviews: int, weights: str, layers: int, device_index: int) -> tuple:
+        layout = persistent._stack_layout(hidden, reviews, weights, layers)
+        lib = build_for_cpu(build_dir / f"stack_{hidden}_{reviews}_{weights}_{layers}", layout.source + STACK_LAUNCHERS)
+
+        def forward(grid: tuple, block: tuple, shared_mem: int, args: list) -> None:
+            for output in [*args[8:12], args[7][-1]]:  # not the layers below the top: they hold UNWRITTEN
+                output.fill_(float("nan"))
+            launch_on_cpu(lib.launch_stack_forward, grid, args)
+
+        def backward(grid: tuple, block: tuple, shared_mem: int, args: list) -> None:
+            for output in args[10:14]:
+                output.fill_(float("nan"))
+            launch_on_cpu(lib.launch_stack_backward, grid, args)
+
+        return forward, backward, layout
+
+    return kernels
+
+
+def stack_on_cpu_threads(monkeypatch: pytest.MonkeyPatch, build_dir: Path, reviews: int, weights: str) -> None:
+    """Route the stacked kernels to their CPU build, with this plan (reviews per block, weights)."""
+    monkeypatch.setattr(persistent, "_stack_kernels", cpu_stack_kernels(build_dir))
+    monkeypatch.setattr(persistent, "_index", lambda device: 0)
+    monkeypatch.setattr(persistent, "_stack_plan", lambda batch, layers, hidden, device: (reviews, weights))
     monkeypatch.setattr(persistent, "persistent_support", lambda hidden, device: None)
 
 
@@ -350,10 +409,17 @@ def test_kernel_source_on_cpu_threads(
 
 
 @pytest.mark.skipif(not compiles_cxx20(), reason="needs g++ with C++20 (std::barrier)")
-def test_language_model_on_kernel_source_equals_torch_lstm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The language model on the persistent kernels (CPU build) gives torch.lstm's logits, carried state and
-    gradients, from a given state, two layers."""
+@pytest.mark.parametrize("stack", [False, True])
+def test_language_model_on_kernel_source_equals_torch_lstm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stack: bool
+) -> None:
+    """The language model on the persistent kernels (CPU build), a launch per layer or its layers stacked in one,
+    gives torch.lstm's logits, carried state and gradients, from a given state, two layers."""
     kernels_on_cpu_threads(monkeypatch, tmp_path, reviews=2, weights="fp32")
+    if stack:
+        stack_on_cpu_threads(monkeypatch, tmp_path, reviews=2, weights="fp32")
+        monkeypatch.setattr(persistent, "STACK_LAYERS", True)
+        monkeypatch.setattr(lm, "persistent_layer", None)  # a launch per layer would fail
     torch.manual_seed(0)
     usual = LSTMLanguageModel(40, 6, 7, n_layers=2, dropout=0.0).train()
     kernel = LSTMLanguageModel(40, 6, 7, n_layers=2, dropout=0.0, rnn_input="persistent").train()
@@ -402,15 +468,146 @@ def test_plan_fills_the_gpu_within_shared_memory(monkeypatch: pytest.MonkeyPatch
 
 def test_kernel_sources_are_package_data() -> None:
     """Every file of ``sentiment/kernels/`` is named by pyproject's package data (a wheel without it could not
-    compile the kernels), and each kernel pair's source is the shared part and its own file after the defines."""
+    compile the kernels), and each kernel pair's source is the shared part and its own file after the defines (the
+    stacked kernels': the CUDA-core pair's source, their defines and their file)."""
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     root = Path(persistent.__file__).parent
     patterns = tomllib.loads((root.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     files = sorted(path.relative_to(root).as_posix() for path in (root / "kernels").iterdir())
-    assert files == ["kernels/lstm_common.cuh", "kernels/lstm_cuda_cores.cu", "kernels/lstm_tensor_cores.cu"]
+    assert files == [f"kernels/{name}" for name in ("lstm_common.cuh", "lstm_cuda_cores.cu", "lstm_stacked.cu",
+                                                     "lstm_tensor_cores.cu")]  # fmt: skip
     assert all(any(fnmatch.fnmatch(name, pattern) for pattern in patterns["sentiment"]) for name in files)
     common = (root / "kernels" / "lstm_common.cuh").read_text()
     for weights, own in (("bf16", "lstm_cuda_cores.cu"), ("mma", "lstm_tensor_cores.cu")):
         source = persistent._layout(16, 2, weights).source
         assert source.startswith("#define H 16\n#define R 2\n")
         assert source.endswith(common + (root / "kernels" / own).read_text())
+    stacked = persistent._stack_layout(16, 2, "bf16", 3).source  # the CUDA-core pair's, then the stacked kernels
+    assert stacked.startswith(persistent._layout(16, 2, "bf16").source)
+    assert stacked.endswith("#define L 3\n#define SS 20\n" + (root / "kernels" / "lstm_stacked.cu").read_text())
+
+
+def check_stack_against_layers(device: torch.device, hidden: int, layers: int, dropout: float, bf16: bool) -> None:
+    """The stacked kernels (through ``persistent_stack``) against packed ``nn.LSTM`` layer by layer in float64,
+    with the same dropout masks between layers: the top layer's outputs, every layer's final states, and the
+    gradients of the input, the initial states and every weight and bias. ``bf16``: the reference's W_ih (above the
+    first layer) and W_hh rounded to bfloat16, as the kernels hold them."""
+    torch.manual_seed(0)
+    batch, steps, features = 6, 11, 7
+    lengths = torch.tensor([11, 1, 7, 11, 4, 2])
+    lstms = [nn.LSTM(features if layer == 0 else hidden, hidden, batch_first=True).double() for layer in range(layers)]
+    if bf16:
+        with torch.no_grad():
+            for layer, lstm in enumerate(lstms):
+                for weight in [lstm.weight_hh_l0] + ([lstm.weight_ih_l0] if layer > 0 else []):
+                    weight.copy_(weight.to(torch.bfloat16).double())
+    x = torch.randn(batch, steps, features, dtype=torch.float64)
+    h0, c0 = (0.5 * torch.randn(layers, batch, hidden, dtype=torch.float64) for _ in range(2))
+    weights_out = torch.randn(batch, steps, hidden, dtype=torch.float64)
+    weights_h, weights_c = torch.randn_like(h0), torch.randn_like(c0)
+    real = (torch.arange(steps)[None, :] < lengths[:, None]).unsqueeze(-1)
+
+    def loss(out: torch.Tensor, h_n: torch.Tensor, c_n: torch.Tensor) -> torch.Tensor:
+        terms = (out * real.to(out.device) * weights_out.to(out), h_n * weights_h.to(h_n), c_n * weights_c.to(c_n))
+        return sum(term.sum() for term in terms)
+
+    torch.manual_seed(1)  # the masks persistent_stack draws after the same seed
+    masks = torch.nn.functional.dropout(torch.ones(layers - 1, batch, steps, hidden, device=device), dropout)
+    reference = [t.clone().requires_grad_() for t in (x, h0, c0)]
+    layer_input, finals = reference[0], []
+    for layer, lstm in enumerate(lstms):
+        state = (reference[1][layer, None], reference[2][layer, None])
+        out, h_n, c_n = reference_lstm(lstm, layer_input, lengths, state)
+        finals.append((h_n, c_n))
+        layer_input = out * masks[layer].double().cpu() if layer < layers - 1 else out
+    reference_out = layer_input
+    reference_h, reference_c = (torch.cat(parts) for parts in zip(*finals, strict=True))
+    loss(reference_out, reference_h, reference_c).backward()
+
+    kernel_lstms = [copy.deepcopy(lstm).float().to(device) for lstm in lstms]
+    inputs = [t.float().to(device).requires_grad_() for t in (x, h0, c0)]
+    weights = [[lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0] for lstm in kernel_lstms]
+    torch.manual_seed(1)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # the products around the kernels in float32
+        out, (h_n, c_n) = persistent.persistent_stack(inputs[0], weights, lengths, dropout, (inputs[1], inputs[2]))
+        loss(out, h_n, c_n).backward()
+    pairs = {"outputs": (out, reference_out), "h_n": (h_n, reference_h), "c_n": (c_n, reference_c)}
+    for name, mine, theirs in zip(("x", "h0", "c0"), inputs, reference, strict=True):
+        pairs[f"grad {name}"] = (mine.grad, theirs.grad)
+    for layer, (mine_lstm, lstm) in enumerate(zip(kernel_lstms, lstms, strict=True)):
+        for (name, mine), theirs in zip(mine_lstm.named_parameters(), lstm.parameters(), strict=True):
+            pairs[f"grad layer {layer} {name}"] = (mine.grad, theirs.grad)
+    assert out.abs().sum() > 0 and inputs[0].grad.abs().sum() > 0
+    for name, (mine, theirs) in pairs.items():
+        close(name, mine.detach(), theirs.detach(), 1e-5)
+
+
+@pytest.mark.skipif(not compiles_cxx20(), reason="needs g++ with C++20 (std::barrier)")
+@pytest.mark.parametrize(
+    ("hidden", "layers", "reviews", "weights", "dropout"),
+    [(5, 3, 1, "fp32", 0.0), (6, 2, 3, "bf16", 0.4), (75, 3, 2, "fp32", 0.5), (8, 4, 2, "bf16", 0.0),
+     (9, 2, 4, "fp32", 0.3)],
+)  # fmt: skip
+def test_stacked_kernels_on_cpu_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hidden: int, layers: int, reviews: int, weights: str,
+    dropout: float,
+) -> None:  # fmt: skip
+    """The stacked kernels' CUDA source (every layer in one launch, the layers above the first computing their own
+    input projections, dropout between layers) on CPU threads equals nn.LSTM layer by layer."""
+    stack_on_cpu_threads(monkeypatch, tmp_path, reviews, weights)
+    check_stack_against_layers(torch.device("cpu"), hidden, layers, dropout, bf16=weights == "bf16")
+
+
+@pytest.mark.skipif(not compiles_cxx20(), reason="needs g++ with C++20 (std::barrier)")
+def test_classifier_on_stacked_kernels_equals_padded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``STACK_LAYERS`` the classifier's unidirectional layers run in one launch of the stacked kernels (CPU
+    build), never a launch per layer, and give the padded path's logits and gradients."""
+    stack_on_cpu_threads(monkeypatch, tmp_path, 2, "fp32")
+    monkeypatch.setattr(persistent, "STACK_LAYERS", True)
+    launches = []
+    monkeypatch.setattr(model_module, "persistent_layer", lambda *args: launches.append(args))
+    torch.manual_seed(0)
+    padded = LSTMClassifier(50, 5, 7, 3, False, dropout=0.0, rnn_input="padded").train()
+    kernel = copy.deepcopy(padded)
+    kernel.rnn_input = "persistent"
+    lengths = torch.tensor([11, 1, 7, 11, 4, 2])
+    ids = torch.randint(2, 50, (6, 11))
+    ids[torch.arange(11)[None, :] >= lengths[:, None]] = 1
+    logits = {}
+    for name, model in (("padded", padded), ("kernel", kernel)):
+        logits[name] = model(ids, lengths)
+        (logits[name] * torch.arange(1.0, 7)).sum().backward()
+    close("logits", logits["kernel"], logits["padded"].double(), 1e-5)
+    for (name, mine), theirs in zip(kernel.named_parameters(), padded.parameters(), strict=True):
+        close(f"grad {name}", mine.grad, theirs.grad.double(), 1e-5)
+    assert not launches
+
+
+@needs_cuda
+@pytest.mark.parametrize(("hidden", "layers", "formats", "dropout"),
+                         [(75, 3, ("fp32",), 0.5), (76, 3, ("bf16",), 0.0), (16, 2, ("fp32",), 0.3)])  # fmt: skip
+def test_stacked_kernels_equal_packed_lstm_per_layer(
+    monkeypatch: pytest.MonkeyPatch, hidden: int, layers: int, formats: tuple[str, ...], dropout: float
+) -> None:
+    """On the GPU, with the layers really running at once (blocks waiting on each other's words): as on CPU threads."""
+    monkeypatch.setattr(persistent, "STACK_FORMATS", formats)
+    check_stack_against_layers(torch.device("cuda"), hidden, layers, dropout, bf16=formats == ("bf16",))
+
+
+def test_stack_plan_puts_every_layer_on_the_gpu_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stacked plan takes the fewest reviews per block whose blocks of all layers are resident at once, in
+    float32 where it fits; the most reviews that fit where no plan makes one wave; none where [W_ih | W_hh] does not
+    fit shared memory."""
+    properties = type("Properties", (), {"multi_processor_count": 132, "shared_memory_per_block_optin": 232448,
+                                         "shared_memory_per_multiprocessor": 233472})  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: properties)
+    compiled = []
+    monkeypatch.setattr(persistent, "_stack_kernels", lambda *plan: compiled.append(plan))
+    monkeypatch.setattr(persistent, "_index", lambda device: 0)
+    gpu = torch.device("cuda", 0)
+    assert persistent._stack_plan(64, 3, 75, gpu) == (2, "fp32")  # lstm.yaml: 96 blocks of 2 reviews, one per SM
+    assert persistent._stack_plan(40, 3, 75, gpu) == (1, "fp32")  # 120 blocks
+    assert persistent._stack_plan(64, 3, 32, gpu) == (1, "fp32")  # small blocks: two per SM
+    assert persistent._stack_plan(4096, 3, 75, gpu) == (4, "fp32")  # no wave: the most reviews that fit
+    assert persistent._stack_plan(64, 2, 150, gpu) is None  # 4 x 150 rows of 300 weights: no format fits
+    assert {plan[:3] for plan in compiled} >= {(75, 1, "fp32"), (75, 2, "fp32")}

@@ -51,7 +51,7 @@ struct BackwardCell {
     Inputs in = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     if (s >= 0 && s < length) {
       size_t base = ((size_t)b * T + position(d, length, s)) * D + d;
-      in.grad = grad_out[base * H + k];
+      in.grad = grad_out != nullptr ? grad_out[base * H + k] : 0.f;  // none: the caller adds its own
       in.c = cells[base * H + k];
       in.c_prev = s > 0 ? cells[(((size_t)b * T + position(d, length, s - 1)) * D + d) * H + k]
                         : c0[((size_t)d * B + b) * H + k];
