@@ -16,8 +16,12 @@ kernel of one pair may run with the backward kernel of the other, as both save t
 cell state and all accumulation are float32 in every kernel. Larger hidden sizes, other GPUs and the CPU use cuDNN /
 PyTorch (:func:`persistent_support` says why).
 
-The CUDA source is in ``sentiment/kernels/``: ``lstm_common.cuh`` (what both pairs share), ``lstm_cuda_cores.cu``
-and ``lstm_tensor_cores.cu``.
+A unidirectional stack of layers may also run in one launch (:func:`persistent_stack`, ``lstm_stacked.cu``): every
+layer at once, each step of a layer as soon as the layer below has its output, the layers above the first computing
+their input projections in the kernel (:data:`STACK_LAYERS`).
+
+The CUDA source is in ``sentiment/kernels/``: ``lstm_common.cuh`` (what both pairs share), ``lstm_cuda_cores.cu``,
+``lstm_tensor_cores.cu`` and ``lstm_stacked.cu``.
 
 The kernels are CUDA C++ compiled at run time with NVRTC, which PyTorch's CUDA wheels ship, so no CUDA toolkit is
 needed. ``torch.cuda._compile_kernel`` would do the compiling, but it asks for a toolkit's include folder even
