@@ -37,6 +37,7 @@ last token), outputs at padding are zero, and the final state is the one after e
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import functools
@@ -188,15 +189,20 @@ def runs_here(module: torch.nn.Module, hidden: int, device: torch.device, why_no
     return False
 
 
-def _compile(source: str, names: tuple[str, ...], device: torch.device) -> dict:
-    """Compile ``source`` with NVRTC for ``device``'s architecture and load ``names`` from it."""
+def _architecture(device: torch.device) -> str:
+    properties = torch.cuda.get_device_properties(device)
+    return f"sm_{properties.major}{properties.minor}"
+
+
+@functools.cache
+def _cubin(source: str, architecture: str) -> bytes:
+    """``source`` compiled by NVRTC for ``architecture`` (e.g. "sm_90"), once per process."""
     from torch.cuda import _utils
 
     nvrtc = _utils._get_gpu_rtc_library()
-    props = torch.cuda.get_device_properties(device)
     # No --use_fast_math: its tanhf is the hardware approximation (relative error up to ~5e-4), which the state and
     # the gradients would carry through every step; the exact functions cost little beside the matrix product.
-    options = [f"--gpu-architecture=sm_{props.major}{props.minor}".encode(), b"-std=c++17"]
+    options = [f"--gpu-architecture={architecture}".encode(), b"-std=c++17"]
     program = ctypes.c_void_p()
 
     def check(result: int, what: str) -> None:
@@ -216,8 +222,33 @@ def _compile(source: str, names: tuple[str, ...], device: torch.device) -> dict:
         check(nvrtc.nvrtcGetCUBIN(program, cubin), "cubin")
     finally:
         nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
+    return cubin.raw
+
+
+_compiled_ahead: set[tuple[str, str]] = set()
+
+
+def _compile_ahead(sources: list[str], device: torch.device) -> None:
+    """NVRTC compiles of ``sources`` for ``device``, all at once in threads, before :func:`_compile` loads them one
+    by one. A plan compiles up to four shapes on its first call, 0.4-0.5 s each on one core; NVRTC runs outside the
+    GIL, one program independent of another (the same cubins as one after another; on 2 cores four took 1.0 s
+    instead of 2.0 s, 2026-12-08). Hand-written: PyTorch compiles one kernel at a time."""
+    architecture = _architecture(device)
+    missing = [source for source in dict.fromkeys(sources) if (source, architecture) not in _compiled_ahead]
+    if len(missing) > 1:
+        with concurrent.futures.ThreadPoolExecutor(len(missing)) as pool:
+            list(pool.map(lambda source: _cubin(source, architecture), missing))
+    _compiled_ahead.update((source, architecture) for source in missing)
+
+
+def _compile(source: str, names: tuple[str, ...], device: torch.device) -> dict:
+    """Compile ``source`` with NVRTC for ``device``'s architecture (or take it from :func:`_compile_ahead`) and
+    load ``names`` from it."""
+    from torch.cuda import _utils
+
+    cubin = _cubin(source, _architecture(device))
     with torch.cuda.device(device):
-        return _utils._cuda_load_module(cubin.raw, list(names))
+        return _utils._cuda_load_module(cubin, list(names))
 
 
 @functools.cache
@@ -263,10 +294,13 @@ def _plan(batch: int, directions: int, hidden: int, device: torch.device) -> tup
     every plan, so that none compiles while a CUDA graph is being captured (a batch split into smaller groups
     changes the plan)."""
     index = _index(device)
+    plans = []
     for reviews in range(1, MAX_REVIEWS_PER_BLOCK + 1):
         weights = _weights(hidden, reviews, device)
-        for part in set(_pair(weights)) if weights is not None else ():
-            _kernels(hidden, reviews, part, index)
+        plans += [(reviews, part) for part in dict.fromkeys(_pair(weights))] if weights is not None else []
+    _compile_ahead([_layout(hidden, reviews, part).source for reviews, part in plans], device)
+    for reviews, part in plans:
+        _kernels(hidden, reviews, part, index)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     reviews = max(1, min(MAX_REVIEWS_PER_BLOCK, math.ceil(batch * directions / sms)))
     while reviews > 1 and _weights(hidden, reviews, device) is None:
@@ -285,9 +319,10 @@ STACK_FORMATS = ("fp32", "bf16")
 @functools.cache
 def _stack_layout(hidden: int, reviews: int, weights: str, layers: int) -> _Layout:
     """The stacked kernels for ``layers`` layers of ``hidden`` units, ``reviews`` per block, ``weights`` "fp32" or
-    "bf16": the CUDA-core kernels' defines and helpers, a row of [W_ih | W_hh] per gate row in shared memory (a
-    stride of 4 mod 8 words, as :func:`_row_words`), and per review the state [input | h] forwards, the gate
-    gradients and two sets of 16 parts (W_ih^T dg and W_hh^T dg) backwards; a word for the block's ticket."""
+    "bf16": the CUDA-core kernels' defines and helpers (not their kernels: ``STACK_ONLY``), a row of [W_ih | W_hh]
+    per gate row in shared memory (a stride of 4 mod 8 words, as :func:`_row_words`), and per review the state
+    [input | h] forwards, the gate gradients and two sets of 16 parts (W_ih^T dg and W_hh^T dg) backwards; a word
+    for the block's ticket."""
     fp32 = weights == "fp32"
     layout = _layout(hidden, reviews, weights)
     quads = -(-(hidden if fp32 else hidden // 2) // 4)
@@ -298,7 +333,7 @@ def _stack_layout(hidden: int, reviews: int, weights: str, layers: int) -> _Layo
     gate_rows = 4 * hidden
     forward_shared = 4 * (gate_rows * stack_row + reviews * 2 * padded + reviews * gate_rows + 4)
     backward_shared = 4 * (gate_rows * stack_row + reviews * 4 * 4 * -(-hidden // 4) + 2 * 16 * reviews * hidden + 4)
-    source = layout.source + defines + _source("lstm_stacked.cu")
+    source = "#define STACK_ONLY\n" + layout.source + defines + _source("lstm_stacked.cu")
     return _Layout(source, threads, threads, forward_shared, backward_shared)
 
 
@@ -338,6 +373,9 @@ def _stack_plan(batch: int, layers: int, hidden: int, device: torch.device) -> t
                 break
     if not candidates:
         return None
+    _compile_ahead(
+        [_stack_layout(hidden, reviews, weights, layers).source for reviews, weights, _ in candidates], device
+    )
     for reviews, weights, _ in candidates:
         _stack_kernels(hidden, reviews, weights, layers, _index(device))
     waves = [(r, w) for r, w, resident in candidates if layers * math.ceil(batch / r) <= sms * resident]

@@ -444,14 +444,16 @@ def test_language_model_on_kernel_source_equals_torch_lstm(
 def test_plan_fills_the_gpu_within_shared_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     """Reviews per block fill one wave of blocks over the SMs (at most 4); W_hh takes the first of the formats
     that fits (float32, else bfloat16 on even sizes), with the reviews a wave wants if it can; every plan compiles
-    up front."""
+    up front, the compiles handed over all at once."""
     properties = type("Properties", (), {"multi_processor_count": 132, "shared_memory_per_block_optin": 232448})
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: properties)
-    compiled = []
+    compiled, ahead = [], []
     monkeypatch.setattr(persistent, "_kernels", lambda *plan: compiled.append(plan))
+    monkeypatch.setattr(persistent, "_compile_ahead", lambda sources, device: ahead.append(len(sources)))
     monkeypatch.setattr(persistent, "_index", lambda device: 0)
     gpu = torch.device("cuda", 0)
     assert persistent._plan(64, 1, 75, gpu) == (1, "fp32")  # lstm.yaml: 64 blocks, float32
+    assert ahead[0] == 4  # the four plans' compiles handed over at once
     assert persistent._plan(256, 1, 75, gpu) == (2, "fp32")  # its evaluation batches
     assert persistent._plan(128, 2, 150, gpu) == (2, "bf16")  # bilstm.yaml: 128 blocks, bfloat16
     assert persistent._plan(1024, 2, 150, gpu) == (4, "bf16")
@@ -483,7 +485,7 @@ def test_kernel_sources_are_package_data() -> None:
         assert source.startswith("#define H 16\n#define R 2\n")
         assert source.endswith(common + (root / "kernels" / own).read_text())
     stacked = persistent._stack_layout(16, 2, "bf16", 3).source  # the CUDA-core pair's, then the stacked kernels
-    assert stacked.startswith(persistent._layout(16, 2, "bf16").source)
+    assert stacked.startswith("#define STACK_ONLY\n" + persistent._layout(16, 2, "bf16").source)
     assert stacked.endswith("#define L 3\n#define SS 20\n" + (root / "kernels" / "lstm_stacked.cu").read_text())
 
 
@@ -601,13 +603,29 @@ def test_stack_plan_puts_every_layer_on_the_gpu_at_once(monkeypatch: pytest.Monk
     properties = type("Properties", (), {"multi_processor_count": 132, "shared_memory_per_block_optin": 232448,
                                          "shared_memory_per_multiprocessor": 233472})  # fmt: skip
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: properties)
-    compiled = []
+    compiled, ahead = [], []
     monkeypatch.setattr(persistent, "_stack_kernels", lambda *plan: compiled.append(plan))
+    monkeypatch.setattr(persistent, "_compile_ahead", lambda sources, device: ahead.append(len(sources)))
     monkeypatch.setattr(persistent, "_index", lambda device: 0)
     gpu = torch.device("cuda", 0)
     assert persistent._stack_plan(64, 3, 75, gpu) == (2, "fp32")  # lstm.yaml: 96 blocks of 2 reviews, one per SM
+    assert ahead[0] == 4  # 1 to 4 reviews per block, float32: compiled at once
     assert persistent._stack_plan(40, 3, 75, gpu) == (1, "fp32")  # 120 blocks
     assert persistent._stack_plan(64, 3, 32, gpu) == (1, "fp32")  # small blocks: two per SM
     assert persistent._stack_plan(4096, 3, 75, gpu) == (4, "fp32")  # no wave: the most reviews that fit
     assert persistent._stack_plan(64, 2, 150, gpu) is None  # 4 x 150 rows of 300 weights: no format fits
     assert {plan[:3] for plan in compiled} >= {(75, 1, "fp32"), (75, 2, "fp32")}
+
+
+@needs_cuda
+def test_compiles_in_threads_equal_compiles_one_at_a_time() -> None:
+    """The plans' NVRTC compiles run at once in threads: the same cubins as compiled one after another, each once."""
+    device = torch.device("cuda")
+    sources = [persistent._layout(24, reviews, "fp32").source + f"// {reviews} ahead\n" for reviews in (1, 2, 3)]
+    persistent._compile_ahead(sources, device)
+    before = persistent._cubin.cache_info().misses
+    architecture = persistent._architecture(device)
+    assert [persistent._cubin(source, architecture) for source in sources] == [
+        persistent._cubin.__wrapped__(source, architecture) for source in sources
+    ]
+    assert persistent._cubin.cache_info().misses == before  # compiled ahead: none compiles again

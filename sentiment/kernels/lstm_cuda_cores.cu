@@ -28,6 +28,8 @@ __device__ __forceinline__ void load_weights(unsigned int* w, const unsigned int
   }
 }
 
+#ifndef STACK_ONLY  // the stacked kernels' source takes the defines and helpers above, not these kernels
+
 extern "C" __global__ void __launch_bounds__(NT, 1) lstm_forward(
     const float* __restrict__ gx, const unsigned int* __restrict__ w_hh, const float* __restrict__ bias,
     const int* __restrict__ lengths, const float* __restrict__ h0, const float* __restrict__ c0,
@@ -212,3 +214,5 @@ extern "C" __global__ void __launch_bounds__(NT, 1) lstm_backward(
   }
   if (cell_thread && cb < B) cell.finish(grad_gates, grad_bias, grad_h0, grad_c0);
 }
+
+#endif  // STACK_ONLY
