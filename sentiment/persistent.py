@@ -554,7 +554,10 @@ class _StackedLSTM(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch, steps, gate_rows = gx.shape
         layers, hidden = w_hh.shape[0], gate_rows // 4
-        reviews, weights = _stack_plan(batch, layers, hidden, gx.device)
+        plan = _stack_plan(batch, layers, hidden, gx.device)
+        if plan is None:
+            raise RuntimeError(f"{layers} stacked layers of {hidden} units do not fit one block's shared memory")
+        reviews, weights = plan
         forward, _, layout = _stack_kernels(hidden, reviews, weights, layers, _index(gx.device))
         save = any(ctx.needs_input_grad)
         words = _stack_words(w_ih, w_hh, weights)
@@ -720,7 +723,8 @@ def persistent_stack(
     w_hh = torch.stack([layer[1] for layer in weights])
     bias = torch.stack([layer[2] + layer[3] for layer in weights]).float().contiguous()
     if dropout > 0 and layers > 1:
-        masks = torch.nn.functional.dropout(gx.new_ones(layers - 1, batch, steps, hidden), dropout)
+        ones = gx.new_ones(layers - 1, batch, steps, hidden, dtype=torch.float32)  # float32 under autocast too
+        masks = torch.nn.functional.dropout(ones, dropout)
     else:
         masks = gx.new_empty(0)
     if state is None:

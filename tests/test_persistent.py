@@ -561,6 +561,25 @@ def test_stacked_kernels_on_cpu_threads(
 
 
 @pytest.mark.skipif(not compiles_cxx20(), reason="needs g++ with C++20 (std::barrier)")
+def test_stacked_dropout_masks_stay_float32_under_autocast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a bfloat16 autocast the first layer's input projection comes out in bfloat16; the dropout masks the
+    kernels read as float32 must not follow it. The same seed gives the float32 run's outputs within bfloat16's
+    rounding of the projection."""
+    stack_on_cpu_threads(monkeypatch, tmp_path, 2, "fp32")
+    torch.manual_seed(0)
+    lstms = [nn.LSTM(7 if layer == 0 else 6, 6, batch_first=True) for layer in range(3)]
+    weights = [[lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0] for lstm in lstms]
+    x, lengths = torch.randn(4, 9, 7), torch.tensor([9, 3, 6, 1])
+    outputs = {}
+    for autocast in (False, True):
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), torch.no_grad():
+            outputs[autocast] = persistent.persistent_stack(x, weights, lengths, dropout=0.5)[0]
+    assert outputs[True].dtype == torch.float32
+    close("outputs under autocast", outputs[True], outputs[False].double(), 2e-2)
+
+
+@pytest.mark.skipif(not compiles_cxx20(), reason="needs g++ with C++20 (std::barrier)")
 def test_classifier_on_stacked_kernels_equals_padded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With ``STACK_LAYERS`` the classifier's unidirectional layers run in one launch of the stacked kernels (CPU
     build), never a launch per layer, and give the padded path's logits and gradients."""

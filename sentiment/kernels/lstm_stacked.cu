@@ -28,7 +28,10 @@ __device__ __forceinline__ float arrived(const float* at) {
 #ifdef CPU_THREADS
   if (bits == UNWRITTEN) { std::fprintf(stderr, "read before written\n"); std::abort(); }
 #else
-  while (bits == UNWRITTEN) bits = *word;
+  while (bits == UNWRITTEN) {  // back off a little between loads: fewer requests to L2 beside the writer's
+    __nanosleep(32);
+    bits = *word;
+  }
 #endif
   return __uint_as_float(bits);
 }
@@ -71,13 +74,13 @@ extern "C" __global__ void __launch_bounds__(NT, 2) lstm_stack_forward(
   const size_t layer_tokens = (size_t)B * T;
   load_stack_weights(w, w_stack + (size_t)layer * G * 2 * ROW_WORDS, layer);
   int len[R];
-  const int steps = block_lengths(lengths, first, B, len);
+  const int steps = min(block_lengths(lengths, first, B, len), T);  // a length past T reads no further than T
   const float* below = outs + (layer > 0 ? layer - 1 : 0) * layer_tokens * H;  // the layer below's outputs
   const float* mask = masks + (masked && layer > 0 ? layer - 1 : 0) * layer_tokens * H;
   float* out = outs + layer * layer_tokens * H;
   const bool cell_thread = tid < R * H;
   const int cr = tid / H, ck = tid - (tid / H) * H, cb = first + cr;
-  const int cell_len = cell_thread && cb < B ? lengths[cb] : 0;
+  const int cell_len = cell_thread && cb < B ? min(lengths[cb], T) : 0;
   const size_t state_at = ((size_t)layer * B + cb) * H + ck;
   float c = 0.f;
   if (cell_thread) {
@@ -85,10 +88,12 @@ extern "C" __global__ void __launch_bounds__(NT, 2) lstm_stack_forward(
     h[cr * HS + HP + ck] = cb < B ? h0[state_at] : 0.f;
     h[cr * HS + ck] = 0.f;
   }
+#if HP > H
   for (int i = tid; i < R * 2 * (HP - H); i += NT) {  // the padding of both parts
     int r = i / (2 * (HP - H)), j = i % (2 * (HP - H));
     h[r * HS + (j / (HP - H)) * HP + H + j % (HP - H)] = 0.f;
   }
+#endif
   // The input of step s from the layer below, dropout applied; the first layer's comes as gx.
   auto take_input = [&](int s) {
     if (layer > 0 && s < cell_len) {
@@ -189,11 +194,11 @@ extern "C" __global__ void __launch_bounds__(NT, 2) lstm_stack_backward(
   const size_t layer_tokens = (size_t)B * T;
   load_stack_weights(w, w_stack + (size_t)layer * G * 2 * ROW_WORDS, layer);
   int len[R];
-  const int steps = block_lengths(lengths, first, B, len);
+  const int steps = min(block_lengths(lengths, first, B, len), T);
   const bool cell_thread = tid < R * H;
   const int cr = tid / H, ck = tid - (tid / H) * H, cb = first + cr;
   const size_t states = (size_t)layer * B * H;
-  BackwardCell cell = {cb, ck, 0, cell_thread && cb < B ? lengths[cb] : 0, B, T, 1};
+  BackwardCell cell = {cb, ck, 0, cell_thread && cb < B ? min(lengths[cb], T) : 0, B, T, 1};
   if (cell_thread && cb < B) cell.start(grad_h_n + states, grad_c_n + states);
   const float* layer_gates = gates + layer * layer_tokens * G;
   const float* layer_cells = cells + layer * layer_tokens * H;
