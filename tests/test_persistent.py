@@ -648,3 +648,28 @@ def test_compiles_in_threads_equal_compiles_one_at_a_time() -> None:
         persistent._cubin.__wrapped__(source, architecture) for source in sources
     ]
     assert persistent._cubin.cache_info().misses == before  # compiled ahead: none compiles again
+
+
+@needs_cuda
+def test_stacked_kernels_with_more_blocks_than_the_gpu_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Far more blocks than the GPU holds at once (one review per block, 4 layers of 600 reviews): blocks that wait
+    start only after those they wait for (tickets), so the launch finishes, with a launch per layer's results."""
+    monkeypatch.setattr(persistent, "_stack_plan", lambda batch, layers, hidden, device: (1, "fp32"))
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    batch, steps, hidden, layers = 600, 40, 75, 4
+    x = torch.randn(batch, steps, 50, device=device)
+    lengths = torch.randint(1, steps + 1, (batch,), device=device)
+    weights = []
+    for layer in range(layers):
+        shapes = ((4 * hidden, 50 if layer == 0 else hidden), (4 * hidden, hidden), (4 * hidden,), (4 * hidden,))
+        weights.append([0.2 * torch.randn(*shape, device=device) for shape in shapes])
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False), torch.no_grad():
+        stacked, (h_n, _) = persistent.persistent_stack(x, weights, lengths)
+        layer_input, finals = x, []
+        for layer in weights:
+            layer_input, (h, _) = persistent.persistent_layer(layer_input, layer, lengths)
+            finals.append(h)
+    torch.cuda.synchronize()
+    close("top outputs", stacked, layer_input.double().cpu(), 1e-5)
+    close("final h", h_n, torch.cat(finals).double().cpu(), 1e-5)
