@@ -206,7 +206,70 @@ def measure_stack(batch: int, steps: int, layers: int, hidden: int, features: in
             persistent._stack_plan = before
         row[f"{name} peak reserved GiB"] = torch.cuda.max_memory_reserved() / 2**30
         row[f"{name} us/step (fwd+bwd)"] = 1000 * row[f"{name} forward+backward ms"] / steps
+    for plan in [run[2] for run in runs if run[2] is not None]:
+        row.update(stack_kernels_alone(batch, steps, layers, hidden, plan))
     return row
+
+
+def stack_kernels_alone(
+    batch: int, steps: int, layers: int, hidden: int, plan: tuple[int, str], device: torch.device | None = None
+) -> dict[str, float]:
+    """Microseconds per step of the stacked forward and backward kernels by themselves, every layer in the launch,
+    on buffers made beforehand; each launch includes the refill of its handoff tensor and ticket counter (a few
+    MB set, some microseconds), without which the layers would not wait for each other."""
+    device = device or torch.device("cuda")
+    reviews, weights_format = plan
+    forward, backward, layout = persistent._stack_kernels(
+        hidden, reviews, weights_format, layers, persistent._index(device)
+    )
+    gates_shape, states_shape = (layers, batch, steps, 4 * hidden), (layers, batch, hidden)
+    gx = torch.randn(batch, steps, 4 * hidden, device=device)
+    w_ih = 0.1 * torch.randn(layers - 1, 4 * hidden, hidden, device=device)
+    words = persistent._stack_words(w_ih, 0.1 * torch.randn(layers, 4 * hidden, hidden, device=device), weights_format)
+    bias, masks = torch.zeros(layers, 4 * hidden, device=device), torch.empty(0, device=device)
+    lengths = torch.full((batch,), steps, device=device, dtype=torch.int32)
+    zeros = torch.zeros(states_shape, device=device)
+    outs = torch.empty(layers, batch, steps, hidden, device=device)
+    gates, grad_gates = torch.empty(gates_shape, device=device), torch.empty(gates_shape, device=device)
+    cells = torch.empty_like(outs)
+    h_n, c_n, grad_h0, grad_c0 = (torch.empty_like(zeros) for _ in range(4))
+    grad_out, grad_inputs = torch.randn(batch, steps, hidden, device=device), torch.empty_like(outs[1:])
+    grad_bias = torch.empty(layers, batch, 4 * hidden, device=device)
+    counter = torch.zeros(1, dtype=torch.int32, device=device)
+    grid = (-(-batch // reviews) * layers, 1, 1)
+
+    def run_forward() -> None:
+        outs.view(torch.int32).fill_(-1)
+        counter.zero_()
+        forward(grid=grid, block=(layout.forward_threads, 1, 1), shared_mem=layout.forward_shared,
+                args=[gx, words, bias, lengths, zeros, zeros, masks, outs, gates, cells, h_n, c_n, counter, batch,
+                      steps, 0, 1])  # fmt: skip
+
+    def run_backward() -> None:
+        grad_inputs.view(torch.int32).fill_(-1)
+        counter.zero_()
+        backward(grid=grid, block=(layout.backward_threads, 1, 1), shared_mem=layout.backward_shared,
+                 args=[grad_out, zeros, zeros, words, lengths, gates, cells, zeros, masks, grad_inputs, grad_gates,
+                       grad_bias, grad_h0, grad_c0, counter, batch, steps, 0])  # fmt: skip
+
+    name = f"stacked {reviews} per block, {weights_format}"
+    return {
+        f"{name}: forward kernel us/step (all layers)": 1000 * timed(run_forward) / steps,
+        f"{name}: backward kernel us/step (all layers)": 1000 * timed(run_backward) / steps,
+    }
+
+
+def write_report(rows: dict[str, dict], output: Path) -> None:
+    """Markdown (a table per shape: measure, value) and JSON of the rows measured so far."""
+    device = torch.cuda.get_device_name()
+    lines = [f"# Persistent LSTM kernels against cuDNN: {device}, torch {torch.__version__}"]
+    for name, row in rows.items():
+        lines += ["", f"## {name}", "", "| measure | value |", "|---|---|"]
+        lines += [f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |"
+                  for key, value in row.items()]  # fmt: skip
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text("\n".join(lines) + "\n")
+    output.with_suffix(".json").write_text(json.dumps({"device": device, "rows": rows}, indent=1))
 
 
 def main() -> None:
@@ -214,19 +277,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, required=True, help="Markdown report (JSON beside it)")
     args = parser.parse_args()
-    rows = {name: measure(*shape) for name, shape in SHAPES.items()}
-    rows |= {name: measure_stack(*shape) for name, shape in STACKS.items()}
-    device = torch.cuda.get_device_name()
-    lines = [f"# Persistent LSTM kernel against cuDNN: {device}, torch {torch.__version__}", ""]
-    columns = list(dict.fromkeys(key for row in rows.values() for key in row))
-    lines += ["| shape | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for name, row in rows.items():
-        cells = (f"{row[c]:.3g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns)
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("\n".join(lines) + "\n")
-    args.output.with_suffix(".json").write_text(json.dumps({"device": device, "rows": rows}, indent=1))
-    print("\n".join(lines))
+    rows: dict[str, dict] = {}
+    for name, shape in SHAPES.items():  # the report is written after each shape: a later failure keeps the others
+        rows[name] = measure(*shape)
+        write_report(rows, args.output)
+    for name, shape in STACKS.items():
+        rows[name] = measure_stack(*shape)
+        write_report(rows, args.output)
+    print(args.output.read_text())
 
 
 if __name__ == "__main__":

@@ -673,3 +673,38 @@ def test_stacked_kernels_with_more_blocks_than_the_gpu_holds(monkeypatch: pytest
     torch.cuda.synchronize()
     close("top outputs", stacked, layer_input.double().cpu(), 1e-5)
     close("final h", h_n, torch.cat(finals).double().cpu(), 1e-5)
+
+
+@pytest.mark.skipif(not compiles_cxx20(), reason="needs g++ with C++20 (std::barrier)")
+def test_stacked_kernels_alone_benchmark_launches_them_right(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The benchmark's launches of the stacked kernels by themselves (CPU build) pass what the autograd function
+    passes: the same grid and block, and arguments of the same shapes, types and flags (no dropout)."""
+    from benchmarks import persistent_kernel
+
+    stack_on_cpu_threads(monkeypatch, tmp_path, 2, "fp32")
+    cpu_build, launches = persistent._stack_kernels, {"benchmark": [], "function": []}
+    caller = "function"
+
+    def recording(*shape: object) -> tuple:
+        forward, backward, layout = cpu_build(*shape)
+
+        def record(kernel: Callable, name: str) -> Callable:
+            def launch(grid: tuple, block: tuple, shared_mem: int, args: list) -> None:
+                described = [(tuple(a.shape), a.dtype) if torch.is_tensor(a) else a for a in args]
+                launches[caller].append((name, grid, block, shared_mem, described))
+                kernel(grid=grid, block=block, shared_mem=shared_mem, args=args)
+
+            return launch
+
+        return record(forward, "forward"), record(backward, "backward"), layout
+
+    monkeypatch.setattr(persistent, "_stack_kernels", recording)
+    monkeypatch.setattr(persistent_kernel, "timed", lambda run: run() or 2.0)
+    weights = [[torch.randn(24, 4 if layer == 0 else 6, requires_grad=True), torch.randn(24, 6, requires_grad=True),
+                torch.zeros(24), torch.zeros(24)] for layer in range(3)]  # fmt: skip
+    out, _ = persistent.persistent_stack(torch.randn(5, 8, 4), weights, torch.full((5,), 8))
+    out.sum().backward()
+    caller = "benchmark"
+    row = persistent_kernel.stack_kernels_alone(5, 8, 3, 6, (2, "fp32"), torch.device("cpu"))
+    assert all(value == 250.0 for value in row.values()), row
+    assert launches["benchmark"] == launches["function"]
