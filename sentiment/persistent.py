@@ -9,7 +9,7 @@ sequential stays outside as large matrix products in PyTorch: the input projecti
 before the recurrence, and the weight gradients after it.
 
 ``W_hh`` is kept in float32 where a direction's matrix fits in one block's shared memory (hidden sizes up to
-~110 on H100/H200), else in bfloat16 (even sizes up to ~158); a step's product runs on the CUDA cores, a thread per
+~110 on H100/H200), else in bfloat16 (up to 163); a step's product runs on the CUDA cores, a thread per
 gate row. A second pair of kernels runs it on the tensor cores (``mma.sync``, bfloat16 ``W_hh``, any size up to
 ~160) with the state split into two bfloat16 parts so that it keeps ~16 bits (:data:`WEIGHT_FORMATS`); a forward
 kernel of one pair may run with the backward kernel of the other, as both save the same activations. The gates, the
@@ -63,7 +63,7 @@ def _row_words(hidden: int, fp32: bool) -> int:
     """32-bit words from one weight row to the next in shared memory (CUDA-core kernels): the row's words rounded
     up to 128-bit pieces, plus 4 where needed for a stride of 4 mod 8 words, so that the 8 threads of each quarter
     warp reading their rows' 128-bit pieces at once hit 8 different groups of 4 banks."""
-    quads = -(-(hidden if fp32 else hidden // 2) // 4)
+    quads = -(-(hidden if fp32 else -(-hidden // 2)) // 4)
     return 4 * quads if quads % 2 else 4 * quads + 4
 
 
@@ -154,7 +154,7 @@ def persistent_support(hidden: int, device: torch.device) -> str | None:
     if _weights(hidden, 1, device) is None:
         return (
             f"hidden_dim {hidden}: W_hh does not fit one block's {_shared_limit(device) // 1024} KiB of shared "
-            "memory even in bfloat16 (the persistent LSTM takes an even hidden_dim up to ~158 on H100/H200)"
+            "memory even in bfloat16 (the persistent LSTM takes a hidden_dim up to 163 on H100/H200)"
         )
     return None
 
@@ -277,10 +277,8 @@ WEIGHT_FORMATS = ("fp32", "bf16")
 
 
 def _fits(hidden: int, weights: str, reviews: int, device: torch.device) -> bool:
-    """Whether the kernels of format ``weights`` run ``reviews`` per block in one block's shared memory (bfloat16
-    pairs on the CUDA cores need an even hidden size)."""
-    even = hidden % 2 == 0 or "bf16" not in _pair(weights)
-    return even and _shared_bytes(hidden, weights, reviews) <= _shared_limit(device)
+    """Whether the kernels of format ``weights`` run ``reviews`` per block in one block's shared memory."""
+    return _shared_bytes(hidden, weights, reviews) <= _shared_limit(device)
 
 
 def _weights(hidden: int, reviews: int, device: torch.device) -> str | None:
@@ -325,7 +323,7 @@ def _stack_layout(hidden: int, reviews: int, weights: str, layers: int) -> _Layo
     for the block's ticket."""
     fp32 = weights == "fp32"
     layout = _layout(hidden, reviews, weights)
-    quads = -(-(hidden if fp32 else hidden // 2) // 4)
+    quads = -(-(hidden if fp32 else -(-hidden // 2)) // 4)
     stack_row = 8 * quads + 4
     padded = quads * (4 if fp32 else 8)
     threads = layout.forward_threads
@@ -367,8 +365,7 @@ def _stack_plan(batch: int, layers: int, hidden: int, device: torch.device) -> t
     for reviews in range(1, MAX_REVIEWS_PER_BLOCK + 1):
         for weights in STACK_FORMATS:
             layout = _stack_layout(hidden, reviews, weights, layers)
-            even = hidden % 2 == 0 or weights == "fp32"
-            if even and max(layout.forward_shared, layout.backward_shared) <= limit:
+            if max(layout.forward_shared, layout.backward_shared) <= limit:
                 candidates.append((reviews, weights, _resident_blocks(layout, device)))
                 break
     if not candidates:
@@ -448,7 +445,14 @@ def _weight_words(w_hh: torch.Tensor, weights: str, backward: bool = False) -> t
     w_hh = w_hh.detach()
     if weights == "mma":
         return _fragments(w_hh.transpose(1, 2) if backward else w_hh)
-    return (w_hh.float() if weights == "fp32" else w_hh.to(torch.bfloat16)).contiguous().view(torch.int32)
+    return _words(w_hh, weights)
+
+
+def _words(rows: torch.Tensor, weights: str) -> torch.Tensor:
+    """``rows`` (... x columns) as 32-bit words: float32, or bfloat16 pairs, an odd row ending in a zero."""
+    if weights == "fp32":
+        return rows.float().contiguous().view(torch.int32)
+    return torch.nn.functional.pad(rows.to(torch.bfloat16), (0, rows.shape[-1] % 2)).contiguous().view(torch.int32)
 
 
 class _PersistentLSTM(torch.autograd.Function):
@@ -523,10 +527,10 @@ class _PersistentLSTM(torch.autograd.Function):
 
 def _stack_words(w_ih: torch.Tensor, w_hh: torch.Tensor, weights: str) -> torch.Tensor:
     """The stacked kernels' weights: per layer and gate row, [W_ih | W_hh] (zeros for the first layer's W_ih, whose
-    product comes precomputed) as float32 or bfloat16-pair words, L x 4H x 2H values."""
+    product comes precomputed), each part as float32 or bfloat16-pair words."""
     first = w_hh.new_zeros(1, *w_hh.shape[1:])
-    rows = torch.cat([torch.cat([first, w_ih.detach().to(w_hh.dtype)]), w_hh.detach()], dim=2)
-    return (rows.float() if weights == "fp32" else rows.to(torch.bfloat16)).contiguous().view(torch.int32)
+    segments = torch.cat([first, w_ih.detach().to(w_hh.dtype)]), w_hh.detach()
+    return torch.cat([_words(segment, weights) for segment in segments], dim=2)
 
 
 def _unwritten(*shape: int, like: torch.Tensor) -> torch.Tensor:

@@ -109,7 +109,7 @@ def close(name: str, mine: torch.Tensor, reference: torch.Tensor, tolerance: flo
 @pytest.mark.parametrize(
     ("hidden", "bidirectional", "weights"),
     [(16, False, "fp32"), (16, True, "fp32"), (75, False, "fp32"), (16, True, "mma"), (75, False, "mma"),
-     (150, True, "mma"), (150, True, "bf16"), (150, True, "bf16+mma")],
+     (150, True, "mma"), (150, True, "bf16"), (150, True, "bf16+mma"), (75, False, "bf16")],
 )  # fmt: skip
 def test_kernel_equals_packed_lstm(
     monkeypatch: pytest.MonkeyPatch, hidden: int, bidirectional: bool, weights: str
@@ -372,7 +372,7 @@ def compiles_cxx20() -> bool:
     ("bidirectional", "hidden", "layers", "reviews", "weights"),
     [(False, 5, 3, 1, "fp32"), (False, 75, 2, 2, "fp32"), (True, 6, 2, 2, "bf16"), (False, 6, 2, 3, "bf16"),
      (True, 5, 1, 4, "fp32"), (True, 6, 2, 2, "mma"), (False, 5, 2, 3, "mma"), (True, 20, 2, 4, "mma"),
-     (False, 75, 1, 1, "mma"), (True, 6, 2, 2, "bf16+mma")],
+     (False, 75, 1, 1, "mma"), (True, 6, 2, 2, "bf16+mma"), (True, 5, 2, 2, "bf16"), (False, 7, 1, 3, "bf16+mma")],
 )  # fmt: skip
 def test_kernel_source_on_cpu_threads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bidirectional: bool, hidden: int, layers: int, reviews: int,
@@ -443,8 +443,8 @@ def test_language_model_on_kernel_source_equals_torch_lstm(
 
 def test_plan_fills_the_gpu_within_shared_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     """Reviews per block fill one wave of blocks over the SMs (at most 4); W_hh takes the first of the formats
-    that fits (float32, else bfloat16 on even sizes), with the reviews a wave wants if it can; every plan compiles
-    up front, the compiles handed over all at once."""
+    that fits (float32, else bfloat16), with the reviews a wave wants if it can; every plan compiles up front, the
+    compiles handed over all at once."""
     properties = type("Properties", (), {"multi_processor_count": 132, "shared_memory_per_block_optin": 232448})
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: properties)
     compiled, ahead = [], []
@@ -457,13 +457,15 @@ def test_plan_fills_the_gpu_within_shared_memory(monkeypatch: pytest.MonkeyPatch
     assert persistent._plan(256, 1, 75, gpu) == (2, "fp32")  # its evaluation batches
     assert persistent._plan(128, 2, 150, gpu) == (2, "bf16")  # bilstm.yaml: 128 blocks, bfloat16
     assert persistent._plan(1024, 2, 150, gpu) == (4, "bf16")
-    assert persistent._plan(1024, 1, 115, gpu) == (2, "fp32")  # 3 reviews of float32 do not fit; odd: no bf16
+    assert persistent._plan(1024, 1, 115, gpu) == (4, "bf16")  # 3 reviews of float32 do not fit: odd, in bf16
+    assert persistent._plan(1024, 1, 163, gpu) == (1, "bf16")  # the largest size that fits, one review a block
+    assert persistent._plan(1024, 1, 164, gpu) == (1, None)  # none (persistent_support refuses it first)
     monkeypatch.setattr(persistent, "WEIGHT_FORMATS", ("fp32", "mma"))  # tensor cores: any size, bfloat16
     assert persistent._plan(128, 2, 150, gpu) == (2, "mma")
     assert persistent._plan(1024, 1, 115, gpu) == (4, "mma")
-    monkeypatch.setattr(persistent, "WEIGHT_FORMATS", ("fp32", "bf16+mma"))  # a pair: bfloat16 needs an even size
+    monkeypatch.setattr(persistent, "WEIGHT_FORMATS", ("fp32", "bf16+mma"))  # a pair
     assert persistent._plan(128, 2, 150, gpu) == (2, "bf16+mma")
-    assert persistent._plan(1024, 1, 115, gpu) == (2, "fp32")
+    assert persistent._plan(1024, 1, 115, gpu) == (4, "bf16+mma")
     assert {(150, 2, "bf16"), (150, 2, "mma")} <= {plan[:3] for plan in compiled}  # both kernels of the pair
     assert {(hidden, reviews) for hidden, reviews, _, _ in compiled} >= {(75, r) for r in range(1, 5)}
 
@@ -548,7 +550,7 @@ def check_stack_against_layers(device: torch.device, hidden: int, layers: int, d
 @pytest.mark.parametrize(
     ("hidden", "layers", "reviews", "weights", "dropout"),
     [(5, 3, 1, "fp32", 0.0), (6, 2, 3, "bf16", 0.4), (75, 3, 2, "fp32", 0.5), (8, 4, 2, "bf16", 0.0),
-     (9, 2, 4, "fp32", 0.3)],
+     (9, 2, 4, "fp32", 0.3), (75, 3, 1, "bf16", 0.5), (5, 2, 2, "bf16", 0.0)],
 )  # fmt: skip
 def test_stacked_kernels_on_cpu_threads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hidden: int, layers: int, reviews: int, weights: str,
@@ -606,7 +608,7 @@ def test_classifier_on_stacked_kernels_equals_padded(tmp_path: Path, monkeypatch
 
 @needs_cuda
 @pytest.mark.parametrize(("hidden", "layers", "formats", "dropout"),
-                         [(75, 3, ("fp32",), 0.5), (76, 3, ("bf16",), 0.0), (16, 2, ("fp32",), 0.3)])  # fmt: skip
+                         [(75, 3, ("fp32",), 0.5), (75, 3, ("bf16",), 0.0), (16, 2, ("fp32",), 0.3)])  # fmt: skip
 def test_stacked_kernels_equal_packed_lstm_per_layer(
     monkeypatch: pytest.MonkeyPatch, hidden: int, layers: int, formats: tuple[str, ...], dropout: float
 ) -> None:

@@ -4,8 +4,8 @@
 
 #define NTF NT
 #define NTB NT
-#define ROW_WORDS (WFP32 ? H : H / 2)  // 32-bit words of one W_hh row in global memory
-#define QUADS ((ROW_WORDS + 3) / 4)      // 128-bit pieces of a row in shared memory (zero-padded)
+#define ROW_WORDS (WFP32 ? H : (H + 1) / 2)  // 32-bit words of a W_hh row in global memory (odd H: a zero last)
+#define QUADS ((ROW_WORDS + 3) / 4)            // 128-bit pieces of a row in shared memory (zero-padded)
 #define HP (QUADS * (WFP32 ? 4 : 8))     // columns of a padded row; the state is kept padded with zeros too
 // The backward's W_hh^T dg: each gate's rows in 4 parts of RP rows (a multiple of 4), columns in fours (CQ of them).
 #define CQ ((H + 3) / 4)
