@@ -86,8 +86,8 @@ class LSTMLanguageModel(
         batch, steps, _ = embedded.shape
         lengths = torch.full((batch,), steps, device=embedded.device, dtype=torch.int32)
         layers = self.lstm.num_layers
-        if persistent.STACK_LAYERS and layers > 1 and persistent.stack_plan_exists(layers, self.lstm.hidden_size,
-                                                                                   embedded.device):  # fmt: skip
+        stack = persistent.STACK_LAYERS and layers > 1
+        if stack and persistent.stack_plan_exists(layers, self.lstm.hidden_size, embedded.device):
             layer_weights = [weights[4 * layer : 4 * layer + 4] for layer in range(layers)]
             dropout = self.lstm.dropout if self.training else 0.0
             return persistent.persistent_stack(embedded, layer_weights, lengths, dropout, state)
