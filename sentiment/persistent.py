@@ -59,11 +59,17 @@ def _source(name: str) -> str:
     return importlib.resources.files("sentiment").joinpath("kernels", name).read_text()
 
 
+def _quads(hidden: int, fp32: bool) -> int:
+    """128-bit pieces of a weight row of ``hidden`` columns in shared memory (CUDA-core kernels: QUADS), float32 or
+    bfloat16 pairs, zero-padded."""
+    return -(-(hidden if fp32 else -(-hidden // 2)) // 4)
+
+
 def _row_words(hidden: int, fp32: bool) -> int:
     """32-bit words from one weight row to the next in shared memory (CUDA-core kernels): the row's words rounded
     up to 128-bit pieces, plus 4 where needed for a stride of 4 mod 8 words, so that the 8 threads of each quarter
     warp reading their rows' 128-bit pieces at once hit 8 different groups of 4 banks."""
-    quads = -(-(hidden if fp32 else -(-hidden // 2)) // 4)
+    quads = _quads(hidden, fp32)
     return 4 * quads if quads % 2 else 4 * quads + 4
 
 
@@ -323,8 +329,8 @@ def _stack_layout(hidden: int, reviews: int, weights: str, layers: int) -> _Layo
     for the block's ticket."""
     fp32 = weights == "fp32"
     layout = _layout(hidden, reviews, weights)
-    quads = -(-(hidden if fp32 else -(-hidden // 2)) // 4)
-    stack_row = 8 * quads + 4
+    quads = _quads(hidden, fp32)
+    stack_row = 8 * quads + 4  # two segments of quads: already a stride of 4 mod 8 words
     padded = quads * (4 if fp32 else 8)
     threads = layout.forward_threads
     defines = f"#define L {layers}\n#define SS {stack_row}\n"

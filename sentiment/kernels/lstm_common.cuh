@@ -17,6 +17,13 @@ __device__ __forceinline__ int block_lengths(const int* lengths, int first, int 
   return steps;
 }
 
+// A forward cell thread's step for unit k, from its review's gates after their activation (i, f, g, o, H apart):
+// the new cell state into c, and the new h returned.
+__device__ __forceinline__ float cell_update(const float* a, int k, float& c) {
+  c = a[H + k] * c + a[k] * a[2 * H + k];
+  return a[3 * H + k] * tanhf(c);
+}
+
 // Position of step s of review r: forwards from 0, or backwards from its last token.
 __device__ __forceinline__ int position(int direction, int length, int s) {
   return direction == 0 ? s : length - 1 - s;

@@ -28,6 +28,84 @@ __device__ __forceinline__ void load_weights(unsigned int* w, const unsigned int
   }
 }
 
+// acc[r] += a gate row times review r's state, over the row's 128-bit pieces q0 .. q1 - 1 (its words at `row`) and
+// the same columns of the state (review r's at h + r * stride, zero-padded), in two sums (even and odd columns) so
+// that each chain of dependent FMAs is half as long.
+__device__ __forceinline__ void row_product(const unsigned int* row, const float* h, int stride, int q0, int q1,
+                                            float* acc) {
+  float acc2[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc2[r] = 0.f;
+#pragma unroll 2
+  for (int q = q0; q < q1; ++q) {
+    uint4 words = load_uint4(row + 4 * q);
+#if WFP32  // four weights: columns 4q .. 4q + 3
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float4 hv = load_float4(h + r * stride + 4 * q);
+      acc[r] = fmaf(__uint_as_float(words.x), hv.x, acc[r]);
+      acc2[r] = fmaf(__uint_as_float(words.y), hv.y, acc2[r]);
+      acc[r] = fmaf(__uint_as_float(words.z), hv.z, acc[r]);
+      acc2[r] = fmaf(__uint_as_float(words.w), hv.w, acc2[r]);
+    }
+#else  // eight bfloat16 weights: columns 8q .. 8q + 7
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float4 ha = load_float4(h + r * stride + 8 * q), hb = load_float4(h + r * stride + 8 * q + 4);
+      acc[r] = fmaf(__uint_as_float(words.x << 16), ha.x, acc[r]);
+      acc2[r] = fmaf(__uint_as_float(words.x & 0xffff0000u), ha.y, acc2[r]);
+      acc[r] = fmaf(__uint_as_float(words.y << 16), ha.z, acc[r]);
+      acc2[r] = fmaf(__uint_as_float(words.y & 0xffff0000u), ha.w, acc2[r]);
+      acc[r] = fmaf(__uint_as_float(words.z << 16), hb.x, acc[r]);
+      acc2[r] = fmaf(__uint_as_float(words.z & 0xffff0000u), hb.y, acc2[r]);
+      acc[r] = fmaf(__uint_as_float(words.w << 16), hb.z, acc[r]);
+      acc2[r] = fmaf(__uint_as_float(words.w & 0xffff0000u), hb.w, acc2[r]);
+    }
+#endif
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc[r] += acc2[r];
+}
+
+// The backward's W^T dg, thread (q, cq)'s share: rows RP q % 4 .. of gate q / 4 (rows `stride` words apart from
+// `w`) times each review's gate gradients `dg`, columns 4 cq .. 4 cq + 3, into part q of `part` (PARTS x R x H).
+__device__ __forceinline__ void transposed_part(const unsigned int* w, int stride, const float* dg, int q, int cq,
+                                                float* part) {
+  const int p = q >> 2, m0 = (q & 3) * RP, m1 = min(H, m0 + RP);
+  float acc[R][4];
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = 0.f;
+  for (int m = m0; m < m1; m += 4) {  // four rows at a time: their gradients are one 128-bit load
+    float4 g4[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) g4[r] = load_float4(dg + (r * 4 + p) * HQ + m);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (m + j >= H) break;  // rows past H belong to the next gate; their gradients are zero anyway
+      const unsigned int* words = w + (p * H + m + j) * stride;
+#if WFP32
+      uint4 q4 = load_uint4(words + 4 * cq);
+      float w4[4] = {__uint_as_float(q4.x), __uint_as_float(q4.y), __uint_as_float(q4.z), __uint_as_float(q4.w)};
+#else
+      uint2 q2 = load_uint2(words + 2 * cq);
+      float w4[4] = {__uint_as_float(q2.x << 16), __uint_as_float(q2.x & 0xffff0000u),
+                     __uint_as_float(q2.y << 16), __uint_as_float(q2.y & 0xffff0000u)};
+#endif
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        float g = j == 0 ? g4[r].x : j == 1 ? g4[r].y : j == 2 ? g4[r].z : g4[r].w;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[r][c] = fmaf(w4[c], g, acc[r][c]);
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+      if (4 * cq + c < H) part[(q * R + r) * H + 4 * cq + c] = acc[r][c];
+}
+
 #ifndef STACK_ONLY  // the stacked kernels' source takes the defines and helpers above, not these kernels
 
 extern "C" __global__ void __launch_bounds__(NT, 1) lstm_forward(
@@ -76,39 +154,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) lstm_forward(
         x_next[r] = s + 1 < len[r]  // the next step's input, loaded while this step computes
             ? gx[(((size_t)(first + r) * T + position(d, len[r], s + 1)) * D + d) * G + tid] : 0.f;
       }
-      const unsigned int* row = w + tid * S;
-      float acc2[R];
-#pragma unroll
-      for (int r = 0; r < R; ++r) acc2[r] = 0.f;
-#pragma unroll 2
-      for (int q = 0; q < QUADS; ++q) {
-        uint4 words = load_uint4(row + 4 * q);
-#if WFP32  // four weights: columns 4q .. 4q + 3
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          float4 hv = load_float4(h + r * HP + 4 * q);
-          acc[r] = fmaf(__uint_as_float(words.x), hv.x, acc[r]);
-          acc2[r] = fmaf(__uint_as_float(words.y), hv.y, acc2[r]);
-          acc[r] = fmaf(__uint_as_float(words.z), hv.z, acc[r]);
-          acc2[r] = fmaf(__uint_as_float(words.w), hv.w, acc2[r]);
-        }
-#else  // eight bfloat16 weights: columns 8q .. 8q + 7
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          float4 ha = load_float4(h + r * HP + 8 * q), hb = load_float4(h + r * HP + 8 * q + 4);
-          acc[r] = fmaf(__uint_as_float(words.x << 16), ha.x, acc[r]);
-          acc2[r] = fmaf(__uint_as_float(words.x & 0xffff0000u), ha.y, acc2[r]);
-          acc[r] = fmaf(__uint_as_float(words.y << 16), ha.z, acc[r]);
-          acc2[r] = fmaf(__uint_as_float(words.y & 0xffff0000u), ha.w, acc2[r]);
-          acc[r] = fmaf(__uint_as_float(words.z << 16), hb.x, acc[r]);
-          acc2[r] = fmaf(__uint_as_float(words.z & 0xffff0000u), hb.y, acc2[r]);
-          acc[r] = fmaf(__uint_as_float(words.w << 16), hb.z, acc[r]);
-          acc2[r] = fmaf(__uint_as_float(words.w & 0xffff0000u), hb.w, acc2[r]);
-        }
-#endif
-      }
-#pragma unroll
-      for (int r = 0; r < R; ++r) acc[r] += acc2[r];
+      row_product(w + tid * S, h, HP, 0, QUADS, acc);
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         float v = acc[r] + x[r] + row_bias;
@@ -119,9 +165,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) lstm_forward(
     }
     __syncthreads();
     if (s < cell_len) {
-      const float* a = act + cr * G;
-      c = a[H + ck] * c + a[ck] * a[2 * H + ck];
-      float hv = a[3 * H + ck] * tanhf(c);
+      float hv = cell_update(act + cr * G, ck, c);
       h[cr * HP + ck] = hv;
       size_t at = (((size_t)cb * T + position(d, cell_len, s)) * D + d) * H + ck;
       out[at] = hv;
@@ -168,42 +212,7 @@ extern "C" __global__ void __launch_bounds__(NT, 1) lstm_backward(
       for (int q = 0; q < 4; ++q) dg[(cr * 4 + q) * HQ + ck] = dgate[q];
     }
     __syncthreads();
-    if (tid < PARTS * CQ) {  // thread (q, cq): rows RP q % 4 .. of gate q / 4, columns 4 cq .. 4 cq + 3
-      const int q = tid / CQ, cq = tid - (tid / CQ) * CQ, p = q >> 2;
-      const int m0 = (q & 3) * RP, m1 = min(H, m0 + RP);
-      float acc[R][4];
-#pragma unroll
-      for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = 0.f;
-      for (int m = m0; m < m1; m += 4) {  // four rows at a time: their gradients are one 128-bit load
-        float4 g4[R];
-#pragma unroll
-        for (int r = 0; r < R; ++r) g4[r] = load_float4(dg + (r * 4 + p) * HQ + m);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          if (m + j >= H) break;  // rows past H belong to the next gate; their gradients are zero anyway
-          const unsigned int* words = w + (p * H + m + j) * S;
-#if WFP32
-          uint4 q4 = load_uint4(words + 4 * cq);
-          float w4[4] = {__uint_as_float(q4.x), __uint_as_float(q4.y), __uint_as_float(q4.z), __uint_as_float(q4.w)};
-#else
-          uint2 q2 = load_uint2(words + 2 * cq);
-          float w4[4] = {__uint_as_float(q2.x << 16), __uint_as_float(q2.x & 0xffff0000u),
-                         __uint_as_float(q2.y << 16), __uint_as_float(q2.y & 0xffff0000u)};
-#endif
-#pragma unroll
-          for (int r = 0; r < R; ++r) {
-            float g = j == 0 ? g4[r].x : j == 1 ? g4[r].y : j == 2 ? g4[r].z : g4[r].w;
-#pragma unroll
-            for (int c = 0; c < 4; ++c) acc[r][c] = fmaf(w4[c], g, acc[r][c]);
-          }
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int c = 0; c < 4; ++c)
-          if (4 * cq + c < H) part[(q * R + r) * H + 4 * cq + c] = acc[r][c];
-    }
+    if (tid < PARTS * CQ) transposed_part(w, S, dg, tid / CQ, tid % CQ, part);
     __syncthreads();
     if (s < cell.length) {
       float sum = 0.f;

@@ -114,45 +114,17 @@ extern "C" __global__ void __launch_bounds__(NT, 2) lstm_stack_forward(
   __syncthreads();
   for (int s = 0; s < steps; ++s) {
     if (gate_thread) {
-      float acc[R], acc2[R], x[R];
+      float acc[R], x[R];
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         x[r] = x_next[r];
-        acc[r] = acc2[r] = 0.f;
+        acc[r] = 0.f;
         x_next[r] = layer == 0 && s + 1 < len[r] ? gx[((size_t)(first + r) * T + s + 1) * G + tid] : 0.f;
       }
-      const unsigned int* row = w + tid * SS;
-#pragma unroll 2
-      for (int q = first_quad; q < 2 * QUADS; ++q) {
-        uint4 words = load_uint4(row + 4 * q);
-        const int column = q < QUADS ? q * (WFP32 ? 4 : 8) : HP + (q - QUADS) * (WFP32 ? 4 : 8);
-#if WFP32
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          float4 hv = load_float4(h + r * HS + column);
-          acc[r] = fmaf(__uint_as_float(words.x), hv.x, acc[r]);
-          acc2[r] = fmaf(__uint_as_float(words.y), hv.y, acc2[r]);
-          acc[r] = fmaf(__uint_as_float(words.z), hv.z, acc[r]);
-          acc2[r] = fmaf(__uint_as_float(words.w), hv.w, acc2[r]);
-        }
-#else
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          float4 ha = load_float4(h + r * HS + column), hb = load_float4(h + r * HS + column + 4);
-          acc[r] = fmaf(__uint_as_float(words.x << 16), ha.x, acc[r]);
-          acc2[r] = fmaf(__uint_as_float(words.x & 0xffff0000u), ha.y, acc2[r]);
-          acc[r] = fmaf(__uint_as_float(words.y << 16), ha.z, acc[r]);
-          acc2[r] = fmaf(__uint_as_float(words.y & 0xffff0000u), ha.w, acc2[r]);
-          acc[r] = fmaf(__uint_as_float(words.z << 16), hb.x, acc[r]);
-          acc2[r] = fmaf(__uint_as_float(words.z & 0xffff0000u), hb.y, acc2[r]);
-          acc[r] = fmaf(__uint_as_float(words.w << 16), hb.z, acc[r]);
-          acc2[r] = fmaf(__uint_as_float(words.w & 0xffff0000u), hb.w, acc2[r]);
-        }
-#endif
-      }
+      row_product(w + tid * SS, h, HS, first_quad, 2 * QUADS, acc);  // the state's parts match the row's
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        float v = acc[r] + acc2[r] + x[r] + row_bias;
+        float v = acc[r] + x[r] + row_bias;
         v = gate == 2 ? tanhf(v) : sigmoid_(v);
         act[r * G + tid] = v;
         if (save && s < len[r]) gates[(layer * layer_tokens + (size_t)(first + r) * T + s) * G + tid] = v;
@@ -160,9 +132,7 @@ extern "C" __global__ void __launch_bounds__(NT, 2) lstm_stack_forward(
     }
     __syncthreads();
     if (s < cell_len) {
-      const float* a = act + cr * G;
-      c = a[H + ck] * c + a[ck] * a[2 * H + ck];
-      float hv = a[3 * H + ck] * tanhf(c);
+      float hv = cell_update(act + cr * G, ck, c);
       h[cr * HS + HP + ck] = hv;
       size_t at = ((size_t)cb * T + s) * H + ck;
       handoff(out + at, hv);
@@ -232,44 +202,9 @@ extern "C" __global__ void __launch_bounds__(NT, 2) lstm_stack_backward(
       for (int q = 0; q < 4; ++q) dg[(cr * 4 + q) * HQ + ck] = dgate[q];
     }
     __syncthreads();
-    if (tid < PARTS * CQ) {  // thread (q, cq): rows RP q % 4 .. of gate q / 4, columns 4 cq .. 4 cq + 3 of a segment
-      const int q = tid / CQ, cq = tid - (tid / CQ) * CQ, p = q >> 2;
-      const int m0 = (q & 3) * RP, m1 = min(H, m0 + RP);
-      for (int segment = layer > 0 ? 0 : 1; segment < 2; ++segment) {
-        float acc[R][4];
-#pragma unroll
-        for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = 0.f;
-        for (int m = m0; m < m1; m += 4) {
-          float4 g4[R];
-#pragma unroll
-          for (int r = 0; r < R; ++r) g4[r] = load_float4(dg + (r * 4 + p) * HQ + m);
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            if (m + j >= H) break;
-            const unsigned int* words = w + (p * H + m + j) * SS + segment * SEGMENT;
-#if WFP32
-            uint4 q4 = load_uint4(words + 4 * cq);
-            float w4[4] = {__uint_as_float(q4.x), __uint_as_float(q4.y), __uint_as_float(q4.z), __uint_as_float(q4.w)};
-#else
-            uint2 q2 = load_uint2(words + 2 * cq);
-            float w4[4] = {__uint_as_float(q2.x << 16), __uint_as_float(q2.x & 0xffff0000u),
-                           __uint_as_float(q2.y << 16), __uint_as_float(q2.y & 0xffff0000u)};
-#endif
-#pragma unroll
-            for (int r = 0; r < R; ++r) {
-              float g = j == 0 ? g4[r].x : j == 1 ? g4[r].y : j == 2 ? g4[r].z : g4[r].w;
-#pragma unroll
-              for (int c = 0; c < 4; ++c) acc[r][c] = fmaf(w4[c], g, acc[r][c]);
-            }
-          }
-        }
-        float* segment_part = part + segment * PARTS * R * H;
-#pragma unroll
-        for (int r = 0; r < R; ++r)
-#pragma unroll
-          for (int c = 0; c < 4; ++c)
-            if (4 * cq + c < H) segment_part[(q * R + r) * H + 4 * cq + c] = acc[r][c];
-      }
+    if (tid < PARTS * CQ) {  // W_ih^T dg (the gradient of the layer's input; not the first layer's), W_hh^T dg
+      for (int segment = layer > 0 ? 0 : 1; segment < 2; ++segment)
+        transposed_part(w + segment * SEGMENT, SS, dg, tid / CQ, tid % CQ, part + segment * PARTS * R * H);
     }
     __syncthreads();
     if (s < cell.length) {

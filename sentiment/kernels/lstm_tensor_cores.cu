@@ -122,9 +122,7 @@ extern "C" __global__ void __launch_bounds__(NTF, 1) lstm_forward(
     }
     __syncthreads();
     if (s < cell_len) {
-      const float* a = act + cr * G;
-      c = a[H + ck] * c + a[ck] * a[2 * H + ck];
-      hv = a[3 * H + ck] * tanhf(c);
+      hv = cell_update(act + cr * G, ck, c);
       put_split<HBW>((unsigned short*)hb, cr, ck, hv);
       size_t at = (((size_t)cb * T + position(d, cell_len, s)) * D + d) * H + ck;
       out[at] = hv;
