@@ -257,15 +257,19 @@ def _compile(source: str, names: tuple[str, ...], device: torch.device) -> dict:
         return _utils._cuda_load_module(cubin, list(names))
 
 
+def _load(layout: _Layout, names: tuple[str, str], device_index: int) -> tuple[object, object, _Layout]:
+    """(forward, backward, layout): the kernels ``names`` of ``layout``'s source, compiled and loaded, each allowed
+    the shared memory it needs."""
+    kernels = _compile(layout.source, names, torch.device("cuda", device_index))
+    for name, shared in zip(names, (layout.forward_shared, layout.backward_shared), strict=True):
+        kernels[name].set_shared_memory_config(max(shared, 48 * 1024))
+    return kernels[names[0]], kernels[names[1]], layout
+
+
 @functools.cache
 def _kernels(hidden: int, reviews: int, weights: str, device_index: int) -> tuple[object, object, _Layout]:
     """(forward, backward, layout) for one shape, compiled once per process."""
-    layout = _layout(hidden, reviews, weights)
-    device = torch.device("cuda", device_index)
-    kernels = _compile(layout.source, ("lstm_forward", "lstm_backward"), device)
-    kernels["lstm_forward"].set_shared_memory_config(max(layout.forward_shared, 48 * 1024))
-    kernels["lstm_backward"].set_shared_memory_config(max(layout.backward_shared, 48 * 1024))
-    return kernels["lstm_forward"], kernels["lstm_backward"], layout
+    return _load(_layout(hidden, reviews, weights), ("lstm_forward", "lstm_backward"), device_index)
 
 
 def _index(device: torch.device) -> int:
@@ -345,10 +349,7 @@ def _stack_layout(hidden: int, reviews: int, weights: str, layers: int) -> _Layo
 def _stack_kernels(hidden: int, reviews: int, weights: str, layers: int, device_index: int) -> tuple:
     """(forward, backward, layout) of the stacked kernels for one shape, compiled once per process."""
     layout = _stack_layout(hidden, reviews, weights, layers)
-    kernels = _compile(layout.source, ("lstm_stack_forward", "lstm_stack_backward"), torch.device("cuda", device_index))
-    kernels["lstm_stack_forward"].set_shared_memory_config(max(layout.forward_shared, 48 * 1024))
-    kernels["lstm_stack_backward"].set_shared_memory_config(max(layout.backward_shared, 48 * 1024))
-    return kernels["lstm_stack_forward"], kernels["lstm_stack_backward"], layout
+    return _load(layout, ("lstm_stack_forward", "lstm_stack_backward"), device_index)
 
 
 def _resident_blocks(layout: _Layout, device: torch.device) -> int:

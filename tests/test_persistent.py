@@ -710,3 +710,22 @@ def test_stacked_kernels_alone_benchmark_launches_them_right(tmp_path: Path, mon
     row = persistent_kernel.stack_kernels_alone(5, 8, 3, 6, (2, "fp32"), torch.device("cpu"))
     assert all(value == 250.0 for value in row.values()), row
     assert launches["benchmark"] == launches["function"]
+
+
+def test_loaded_kernels_get_the_shared_memory_of_their_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each loaded kernel is allowed its own layout's shared memory (at least the 48 KiB every block has)."""
+    allowed = {}
+
+    class Kernel:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def set_shared_memory_config(self, shared: int) -> None:
+            allowed[self.name] = shared
+
+    monkeypatch.setattr(persistent, "_compile", lambda source, names, device: {name: Kernel(name) for name in names})
+    forward, backward, layout = persistent._stack_kernels.__wrapped__(75, 2, "fp32", 3, 0)
+    assert (forward.name, backward.name) == ("lstm_stack_forward", "lstm_stack_backward")
+    assert allowed == {"lstm_stack_forward": layout.forward_shared, "lstm_stack_backward": layout.backward_shared}
+    forward, backward, layout = persistent._kernels.__wrapped__(16, 1, "mma", 0)
+    assert allowed["lstm_forward"] == allowed["lstm_backward"] == 48 * 1024 > layout.backward_shared
