@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.kernel_flags import add_kernel_flags, apply_kernel_flags
 from sentiment.batching import make_dataloader
 from sentiment.config import build_config
 from sentiment.files import write_atomic
@@ -128,8 +129,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="steps profiled, spread across the batch lengths")
     parser.add_argument("--rnn_input", default="auto", help="the config's rnn_input (auto: fused on a GPU)")
     parser.add_argument("--max_step_tokens", type=int, default=131072, help="0: batches never split")
+    add_kernel_flags(parser)
     parser.add_argument("--output", type=Path, required=True, help="Markdown report")
     args = parser.parse_args()
+    apply_kernel_flags(parser, args)
     overrides = {"rnn_input": args.rnn_input, "max_step_tokens": args.max_step_tokens or None}
     report = profile_epoch(args.config, args.prepared, args.steps, **overrides)
     write_atomic(args.output, report)

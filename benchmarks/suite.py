@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.kernel_flags import add_kernel_flags, apply_kernel_flags
 from benchmarks.plain_loop import plain_loop
-from sentiment import persistent
 from sentiment.batching import EncodedSplit
 from sentiment.config import build_config
 from sentiment.prepare import MANIFEST, PreparedData
@@ -361,30 +361,10 @@ def main() -> None:
     parser.add_argument("--sweep_file", default="configs/sweep_lstm.yaml")
     parser.add_argument("--sweep_count", type=int, default=14)
     parser.add_argument("--sweep_settings", default="1x2", help="GPUSxWORKERS,... (0 GPUs: CPU, no device pinning)")
-    parser.add_argument(
-        "--persistent_weights",
-        help="formats the persistent kernels' plan may take, in order (sentiment.persistent.WEIGHT_FORMATS), e.g. "
-        "fp32,mma for the tensor cores; the train rows' path names them",
-    )
-    parser.add_argument(
-        "--persistent_stack",
-        action="store_true",
-        help="run a unidirectional model's layers in one launch of the stacked persistent kernels "
-        "(sentiment.persistent.STACK_LAYERS) where rnn_input is persistent; the train rows' path says so",
-    )
+    add_kernel_flags(parser)
     parser.add_argument("--output", default="benchmarks/results/suite")
     args = parser.parse_args()
-    label = ""
-    if args.persistent_stack:
-        persistent.STACK_LAYERS = True
-        label = " (layers stacked)"
-    if args.persistent_weights:
-        formats = tuple(args.persistent_weights.split(","))
-        if set(formats) - set(persistent.FORMATS):
-            choices = ", ".join(persistent.FORMATS)
-            parser.error(f"--persistent_weights {args.persistent_weights}: choose from {choices}")
-        persistent.WEIGHT_FORMATS = formats
-        label += f" (persistent weights {args.persistent_weights})"
+    label = apply_kernel_flags(parser, args)
     sections = args.sections.split(",")
     if set(sections) - {"prepare", "train", "growth", "predict", "sweep"}:
         parser.error(f"unknown section in {args.sections}; choose from prepare, train, growth, predict, sweep")

@@ -106,3 +106,24 @@ def test_suite_refuses_an_unknown_persistent_weights_format(
         suite.main()
     assert "--persistent_weights fp32,tf: choose from fp32, bf16, mma, fp32+mma, bf16+mma" in capsys.readouterr().err
     assert persistent.WEIGHT_FORMATS == ("fp32", "bf16")
+
+
+def test_kernel_flags_set_the_stack_and_the_formats_and_name_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--persistent_stack on|off`` and ``--persistent_weights`` set the kernels' module switches both ways, and the
+    label the results' paths carry says which were set."""
+    import argparse
+
+    from benchmarks.kernel_flags import add_kernel_flags, apply_kernel_flags
+    from sentiment import persistent
+
+    parser = argparse.ArgumentParser()
+    add_kernel_flags(parser)
+    for stack, label in (("on", " (layers stacked)"), ("off", " (a launch per layer)")):
+        monkeypatch.setattr(persistent, "STACK_LAYERS", stack == "off")
+        args = parser.parse_args(["--persistent_stack", stack, "--persistent_weights", "bf16,mma"])
+        assert apply_kernel_flags(parser, args) == label + " (persistent weights bf16,mma)"
+        assert persistent.STACK_LAYERS is (stack == "on")
+        assert persistent.WEIGHT_FORMATS == ("bf16", "mma")
+    monkeypatch.setattr(persistent, "STACK_LAYERS", True)
+    assert apply_kernel_flags(parser, parser.parse_args([])) == ""
+    assert persistent.STACK_LAYERS is True
