@@ -9,10 +9,11 @@ sequential stays outside as large matrix products in PyTorch: the input projecti
 before the recurrence, and the weight gradients after it.
 
 ``W_hh`` is kept in float32 where a direction's matrix fits in one block's shared memory (hidden sizes up to
-~110 on H100/H200), else in bfloat16 (up to 163); a step's product runs on the CUDA cores, a thread per
-gate row. A second pair of kernels runs it on the tensor cores (``mma.sync``, bfloat16 ``W_hh``, any size up to
-~160) with the state split into two bfloat16 parts so that it keeps ~16 bits (:data:`WEIGHT_FORMATS`); a forward
-kernel of one pair may run with the backward kernel of the other, as both save the same activations. The gates, the
+~110 on H100/H200), with a step's product on the CUDA cores, a thread per gate row. Above that a second pair of
+kernels runs it on the tensor cores (``mma.sync``, bfloat16 ``W_hh``, up to 160) with the state split into two
+bfloat16 parts so that it keeps ~16 bits; and up to 163, the CUDA-core kernels with bfloat16 ``W_hh``
+(:data:`WEIGHT_FORMATS`). A forward kernel of one pair may run with the backward kernel of the other, as both save
+the same activations. The gates, the
 cell state and all accumulation are float32 in every kernel. Larger hidden sizes, other GPUs and the CPU use cuDNN /
 PyTorch (:func:`persistent_support` says why).
 
@@ -280,10 +281,12 @@ def _index(device: torch.device) -> int:
 # on the tensor cores), and a forward of one with the backward of another ("bf16+mma", see _pair).
 FORMATS = ("fp32", "bf16", "mma", "fp32+mma", "bf16+mma")
 
-# The formats in the order the plan takes them, the first that fits shared memory: "fp32", else "bf16". The others
-# run the same function (the tests check each against nn.LSTM, on CPU threads and on the GPU); one takes bf16's place
-# once measured faster on a GPU (python -m benchmarks.persistent_kernel measures every format).
-WEIGHT_FORMATS = ("fp32", "bf16")
+# The formats in the order the plan takes them, the first that fits shared memory: "fp32" (up to ~110 hidden units),
+# else "mma" (up to 160), else "bf16" (up to 163). The tensor cores took the BiLSTM config (hidden 150) from 1.257 to
+# 1.105 s per epoch on an H100 (2026-12-08, docs/benchmarks.md); at hidden 75 float32 on the CUDA cores is the faster
+# layer. Every format runs the same function (the tests check each against nn.LSTM, on CPU threads and on the GPU);
+# python -m benchmarks.persistent_kernel measures them all.
+WEIGHT_FORMATS = ("fp32", "mma", "bf16")
 
 
 def _fits(hidden: int, weights: str, reviews: int, device: torch.device) -> bool:

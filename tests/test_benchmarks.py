@@ -105,7 +105,7 @@ def test_suite_refuses_an_unknown_persistent_weights_format(
     with pytest.raises(SystemExit):
         suite.main()
     assert "--persistent_weights fp32,tf: choose from fp32, bf16, mma, fp32+mma, bf16+mma" in capsys.readouterr().err
-    assert persistent.WEIGHT_FORMATS == ("fp32", "bf16")
+    assert persistent.WEIGHT_FORMATS == ("fp32", "mma", "bf16")
 
 
 def test_kernel_flags_set_the_stack_and_the_formats_and_name_them(monkeypatch: pytest.MonkeyPatch) -> None:

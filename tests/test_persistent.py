@@ -443,8 +443,8 @@ def test_language_model_on_kernel_source_equals_torch_lstm(
 
 def test_plan_fills_the_gpu_within_shared_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     """Reviews per block fill one wave of blocks over the SMs (at most 4); W_hh takes the first of the formats
-    that fits (float32, else bfloat16), with the reviews a wave wants if it can; every plan compiles up front, the
-    compiles handed over all at once."""
+    that fits (float32, else the tensor cores, else bfloat16 on the CUDA cores), with the reviews a wave wants if it
+    can; every plan compiles up front, the compiles handed over all at once."""
     properties = type("Properties", (), {"multi_processor_count": 132, "shared_memory_per_block_optin": 232448})
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: properties)
     compiled, ahead = [], []
@@ -455,14 +455,16 @@ def test_plan_fills_the_gpu_within_shared_memory(monkeypatch: pytest.MonkeyPatch
     assert persistent._plan(64, 1, 75, gpu) == (1, "fp32")  # lstm.yaml: 64 blocks, float32
     assert ahead[0] == 4  # the four plans' compiles handed over at once
     assert persistent._plan(256, 1, 75, gpu) == (2, "fp32")  # its evaluation batches
-    assert persistent._plan(128, 2, 150, gpu) == (2, "bf16")  # bilstm.yaml: 128 blocks, bfloat16
-    assert persistent._plan(1024, 2, 150, gpu) == (4, "bf16")
-    assert persistent._plan(1024, 1, 115, gpu) == (4, "bf16")  # 3 reviews of float32 do not fit: odd, in bf16
-    assert persistent._plan(1024, 1, 163, gpu) == (1, "bf16")  # the largest size that fits, one review a block
+    assert persistent._plan(128, 2, 150, gpu) == (2, "mma")  # bilstm.yaml: 128 blocks, tensor cores
+    assert persistent._plan(1024, 2, 150, gpu) == (4, "mma")
+    assert persistent._plan(1024, 1, 115, gpu) == (4, "mma")  # 3 reviews of float32 do not fit
+    assert persistent._plan(1024, 1, 160, gpu) == (4, "mma")  # the largest size on the tensor cores
+    assert persistent._plan(1024, 1, 161, gpu) == (1, "bf16")  # then the CUDA cores, one review a block
+    assert persistent._plan(1024, 1, 163, gpu) == (1, "bf16")  # the largest size that fits
     assert persistent._plan(1024, 1, 164, gpu) == (1, None)  # none (persistent_support refuses it first)
-    monkeypatch.setattr(persistent, "WEIGHT_FORMATS", ("fp32", "mma"))  # tensor cores: any size, bfloat16
-    assert persistent._plan(128, 2, 150, gpu) == (2, "mma")
-    assert persistent._plan(1024, 1, 115, gpu) == (4, "mma")
+    monkeypatch.setattr(persistent, "WEIGHT_FORMATS", ("fp32", "bf16"))  # the CUDA cores only: bfloat16 at 150
+    assert persistent._plan(128, 2, 150, gpu) == (2, "bf16")
+    assert persistent._plan(1024, 1, 115, gpu) == (4, "bf16")
     monkeypatch.setattr(persistent, "WEIGHT_FORMATS", ("fp32", "bf16+mma"))  # a pair
     assert persistent._plan(128, 2, 150, gpu) == (2, "bf16+mma")
     assert persistent._plan(1024, 1, 115, gpu) == (4, "bf16+mma")
