@@ -319,9 +319,10 @@ def _plan(batch: int, directions: int, hidden: int, device: torch.device) -> tup
     return reviews, _weights(hidden, reviews, device)
 
 
-# Stacks of unidirectional layers in one launch (``lstm_stacked.cu``): off until measured faster on a GPU than a
-# kernel per layer (python -m benchmarks.persistent_kernel measures both; the suite's --persistent_stack).
-STACK_LAYERS = False
+# Stacks of unidirectional layers in one launch (``lstm_stacked.cu``) where a stacked plan fits: the LSTM config's 3
+# layers took 1.096-1.100 s per epoch stacked against 1.213 s a launch per layer on an H100 (2026-12-08,
+# docs/benchmarks.md). python -m benchmarks.persistent_kernel measures both; the suite's --persistent_stack on|off.
+STACK_LAYERS = True
 
 # The stacked kernels' formats, in the order the plan takes them (CUDA cores only).
 STACK_FORMATS = ("fp32", "bf16")

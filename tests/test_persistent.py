@@ -304,7 +304,9 @@ def cpu_kernels(build_dir: Path) -> Callable:
 
 
 def kernels_on_cpu_threads(monkeypatch: pytest.MonkeyPatch, build_dir: Path, reviews: int, weights: str) -> None:
-    """Route the persistent path to the CPU build of its kernels, with this plan (reviews per block, weights)."""
+    """Route the persistent path to the CPU build of its kernels, with this plan (reviews per block, weights), a
+    launch per layer (the stacked kernels have their own CPU build, :func:`stack_on_cpu_threads`)."""
+    monkeypatch.setattr(persistent, "STACK_LAYERS", False)
     monkeypatch.setattr(persistent, "_kernels", cpu_kernels(build_dir))
     monkeypatch.setattr(persistent, "_index", lambda device: 0)
     monkeypatch.setattr(persistent, "_plan", lambda batch, directions, hidden, device: (reviews, weights))
