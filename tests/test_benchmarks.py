@@ -118,6 +118,7 @@ def test_kernel_flags_set_the_stack_and_the_formats_and_name_them(monkeypatch: p
 
     parser = argparse.ArgumentParser()
     add_kernel_flags(parser)
+    monkeypatch.setattr(persistent, "WEIGHT_FORMATS", persistent.WEIGHT_FORMATS)  # restored after the test
     for stack, label in (("on", " (layers stacked)"), ("off", " (a launch per layer)")):
         monkeypatch.setattr(persistent, "STACK_LAYERS", stack == "off")
         args = parser.parse_args(["--persistent_stack", stack, "--persistent_weights", "bf16,mma"])
