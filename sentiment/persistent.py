@@ -127,6 +127,22 @@ def _layout(hidden: int, reviews: int, weights: str) -> _Layout:
     return _Layout(source, threads, threads, shared, shared)
 
 
+def _incoming(
+    grad_out: torch.Tensor | None,
+    grad_h_n: torch.Tensor | None,
+    grad_c_n: torch.Tensor | None,
+    out: torch.Tensor,
+    h0: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A backward kernel's incoming gradients, float32 and contiguous: zeros like ``out`` / ``h0`` for those autograd
+    passes as None (an output that no loss used)."""
+    zeros = torch.zeros_like(h0)
+    grad_out = out.new_zeros(out.shape) if grad_out is None else grad_out.float().contiguous()
+    grad_h_n = zeros if grad_h_n is None else grad_h_n.float().contiguous()
+    grad_c_n = zeros if grad_c_n is None else grad_c_n.float().contiguous()
+    return grad_out, grad_h_n, grad_c_n
+
+
 def _pair(weights: str) -> tuple[str, str]:
     """A plan's weights' format as (the forward kernel's, the backward kernel's): "bf16+mma" runs the forward on the
     CUDA cores and the backward on the tensor cores; a single name runs both kernels of that format."""
@@ -513,10 +529,7 @@ class _PersistentLSTM(torch.autograd.Function):
         batch, steps, directions, hidden = out.shape
         reviews, backward_format = ctx.plan
         _, backward, layout = _kernels(hidden, reviews, backward_format, _index(out.device))
-        zeros = torch.zeros_like(h0)
-        grad_out = out.new_zeros(out.shape) if grad_out is None else grad_out.float().contiguous()
-        grad_h_n = zeros if grad_h_n is None else grad_h_n.float().contiguous()
-        grad_c_n = zeros if grad_c_n is None else grad_c_n.float().contiguous()
+        grad_out, grad_h_n, grad_c_n = _incoming(grad_out, grad_h_n, grad_c_n, out, h0)
         grad_gates = torch.empty_like(gates)  # the kernel writes every element
         grad_bias = gates.new_empty(directions, batch, 4 * hidden)  # per review, summed below
         grad_h0, grad_c0 = torch.empty_like(h0), torch.empty_like(c0)
@@ -605,10 +618,7 @@ class _StackedLSTM(torch.autograd.Function):
         layers, batch, steps, hidden = outs.shape
         reviews, weights = ctx.plan
         _, backward, layout = _stack_kernels(hidden, reviews, weights, layers, _index(outs.device))
-        zeros = torch.zeros_like(h0)
-        grad_out = outs.new_zeros(outs.shape[1:]) if grad_out is None else grad_out.float().contiguous()
-        grad_h_n = zeros if grad_h_n is None else grad_h_n.float().contiguous()
-        grad_c_n = zeros if grad_c_n is None else grad_c_n.float().contiguous()
+        grad_out, grad_h_n, grad_c_n = _incoming(grad_out, grad_h_n, grad_c_n, outs[-1], h0)
         grad_inputs = _unwritten(max(layers - 1, 1), batch, steps, hidden, like=outs)
         grad_gates = torch.empty_like(gates)  # the kernel writes every element
         grad_bias = gates.new_empty(layers, batch, 4 * hidden)  # per review, summed below

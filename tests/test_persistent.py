@@ -443,16 +443,24 @@ def test_language_model_on_kernel_source_equals_torch_lstm(
         LSTMLanguageModel(40, 6, 7, rnn_input="fused")
 
 
+def plans_on_an_h100(monkeypatch: pytest.MonkeyPatch, kernels: str) -> tuple[list, list]:
+    """Plan as on an H100 (132 SMs, its shared memory) with no GPU: the plan's kernels (``kernels``, the name of
+    the function that loads them) recorded, not compiled. Returns (each loaded plan, each batch of compiles)."""
+    properties = type("Properties", (), {"multi_processor_count": 132, "shared_memory_per_block_optin": 232448,
+                                         "shared_memory_per_multiprocessor": 233472})  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: properties)
+    compiled, ahead = [], []
+    monkeypatch.setattr(persistent, kernels, lambda *plan: compiled.append(plan))
+    monkeypatch.setattr(persistent, "_compile_ahead", lambda sources, device: ahead.append(len(sources)))
+    monkeypatch.setattr(persistent, "_index", lambda device: 0)
+    return compiled, ahead
+
+
 def test_plan_fills_the_gpu_within_shared_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     """Reviews per block fill one wave of blocks over the SMs (at most 4); W_hh takes the first of the formats
     that fits (float32, else the tensor cores, else bfloat16 on the CUDA cores), with the reviews a wave wants if it
     can; every plan compiles up front, the compiles handed over all at once."""
-    properties = type("Properties", (), {"multi_processor_count": 132, "shared_memory_per_block_optin": 232448})
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: properties)
-    compiled, ahead = [], []
-    monkeypatch.setattr(persistent, "_kernels", lambda *plan: compiled.append(plan))
-    monkeypatch.setattr(persistent, "_compile_ahead", lambda sources, device: ahead.append(len(sources)))
-    monkeypatch.setattr(persistent, "_index", lambda device: 0)
+    compiled, ahead = plans_on_an_h100(monkeypatch, "_kernels")
     gpu = torch.device("cuda", 0)
     assert persistent._plan(64, 1, 75, gpu) == (1, "fp32")  # lstm.yaml: 64 blocks, float32
     assert ahead[0] == 4  # the four plans' compiles handed over at once
@@ -625,13 +633,7 @@ def test_stack_plan_puts_every_layer_on_the_gpu_at_once(monkeypatch: pytest.Monk
     """The stacked plan takes the fewest reviews per block whose blocks of all layers are resident at once, in
     float32 where it fits; the most reviews that fit where no plan makes one wave; none where [W_ih | W_hh] does not
     fit shared memory."""
-    properties = type("Properties", (), {"multi_processor_count": 132, "shared_memory_per_block_optin": 232448,
-                                         "shared_memory_per_multiprocessor": 233472})  # fmt: skip
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: properties)
-    compiled, ahead = [], []
-    monkeypatch.setattr(persistent, "_stack_kernels", lambda *plan: compiled.append(plan))
-    monkeypatch.setattr(persistent, "_compile_ahead", lambda sources, device: ahead.append(len(sources)))
-    monkeypatch.setattr(persistent, "_index", lambda device: 0)
+    compiled, ahead = plans_on_an_h100(monkeypatch, "_stack_kernels")
     gpu = torch.device("cuda", 0)
     assert persistent._stack_plan(64, 3, 75, gpu) == (2, "fp32")  # lstm.yaml: 96 blocks of 2 reviews, one per SM
     assert ahead[0] == 4  # 1 to 4 reviews per block, float32: compiled at once
